@@ -1,0 +1,1 @@
+"""Procedural demo data (shapes) and COCO json helpers for the small-SAM testbed."""

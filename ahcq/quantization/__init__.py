@@ -1,0 +1,1 @@
+"""Model-agnostic quantization core: primitives, observers, quantizers, layers, transforms and the API."""

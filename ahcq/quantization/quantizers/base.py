@@ -1,0 +1,183 @@
+"""Role, Mode and the ``Quantizer`` base class shared by every quantizer family.
+
+A quantizer is an ``nn.Module`` whose behaviour is selected by an explicit ``Mode`` (never by module-name
+substrings): ``OFF`` passes through, ``CALIBRATE`` observes statistics and passes through, ``QUANTIZE``
+fake-quantizes, ``DROP`` mixes float and fake-quantized elements (QDrop). Leaving ``CALIBRATE`` calls
+``finalize()`` once, which turns the statistics into quantization parameters.
+
+Parameters whose shape is only known after calibration (per-channel scales, AdaRound logits) are created at
+construction and resized in place through ``.data``, so an optimizer built before calibration keeps valid
+references; ``_load_from_state_dict`` resizes them to the stored shape for the same reason.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["Mode", "Quantizer", "Role"]
+
+
+class Role(enum.Enum):
+    """What a quantizer quantizes; decides nothing by itself but is recorded for maps and exports."""
+
+    WEIGHT = "weight"
+    INPUT = "input"
+    QUERY = "query"
+    KEY = "key"
+    VALUE = "value"
+    ATTN_PROB = "attn_prob"
+    OUTPUT = "output"
+
+
+class Mode(enum.Enum):
+    """Forward behaviour of a quantizer."""
+
+    OFF = "off"
+    CALIBRATE = "calibrate"
+    QUANTIZE = "quantize"
+    DROP = "drop"
+
+
+class Quantizer(nn.Module):
+    """Base of every quantizer family.
+
+    Subclasses implement ``observe``, ``compute_params`` (called by ``finalize``), ``fake_quant``,
+    ``quantize_int``, ``dequantize_int`` and ``export``. Weight quantizers observe only the first batch of a
+    calibration pass, because the weight does not change between batches.
+    """
+
+    family: str = "base"
+
+    def __init__(self, role: Role, bits: int, name: str = "") -> None:
+        super().__init__()
+        if not isinstance(role, Role):
+            raise TypeError(f"quantizer {name!r}: role must be a Role, got {role!r}")
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"quantizer {name!r}: bits must be an int in 2..8, got {bits!r}")
+        self.role = role
+        self.bits = bits
+        self.name = name
+        self.mode = Mode.OFF
+        self.drop_p = 0.0
+        self.generator: torch.Generator | None = None
+        self.register_buffer("calibrated", torch.tensor(False))
+        self._observed_batches = 0
+
+    @property
+    def observed_batches(self) -> int:
+        """Batches observed in the current calibration pass."""
+        return self._observed_batches
+
+    @property
+    def name(self) -> str:
+        """Module path plus slot (set by ``api.quantize``); every error message names it."""
+        return self.__dict__["_name"]
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.__dict__["_name"] = value
+        observer = self.__dict__.get("observer")
+        if observer is not None:
+            observer.name = value
+
+    # ----------------------------------------------------------------- mode handling
+    def set_mode(self, mode: Mode, drop_p: float = 0.0, generator: torch.Generator | None = None) -> None:
+        """Switch mode; leaving CALIBRATE finalizes, entering QUANTIZE/DROP requires calibrated parameters."""
+        if not isinstance(mode, Mode):
+            raise TypeError(f"quantizer {self.name!r}: mode must be a Mode, got {mode!r}")
+        if mode is Mode.DROP and not 0.0 <= drop_p <= 1.0:
+            raise ValueError(f"quantizer {self.name!r}: drop_p must be in [0, 1], got {drop_p}")
+        if self.mode is Mode.CALIBRATE and mode is not Mode.CALIBRATE:
+            self.finalize()
+        if mode in (Mode.QUANTIZE, Mode.DROP) and not bool(self.calibrated):
+            raise RuntimeError(f"quantizer {self.name!r} ({self.family}) is not calibrated; calibrate first")
+        if mode is Mode.CALIBRATE and self.mode is not Mode.CALIBRATE:
+            self.reset_statistics()
+        self.mode = mode
+        self.drop_p = float(drop_p) if mode is Mode.DROP else 0.0
+        if generator is not None:
+            self.generator = generator
+
+    def reset_statistics(self) -> None:
+        """Forget the statistics of a previous calibration pass (subclasses extend)."""
+        self._observed_batches = 0
+
+    def finalize(self) -> None:
+        """Turn the observed statistics into parameters; called once when leaving CALIBRATE."""
+        if self._observed_batches == 0:
+            raise RuntimeError(f"quantizer {self.name!r} ({self.family}) saw no data during calibration")
+        self.compute_params()
+        self.calibrated.fill_(True)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, **ctx: Any) -> torch.Tensor:
+        """Dispatch on ``self.mode``; ``ctx`` carries side inputs (``value=``, ``next_layer=``)."""
+        if self.mode is Mode.OFF:
+            return x
+        self.check_finite(x)
+        if self.mode is Mode.CALIBRATE:
+            if self.role is not Role.WEIGHT or self._observed_batches == 0:
+                with torch.no_grad():
+                    self.observe(x.detach(), **ctx)
+                self._observed_batches += 1
+            return x
+        xq = self.fake_quant(x)
+        if self.mode is Mode.DROP:
+            return torch.where(self.drop_mask(x), x, xq)
+        return xq
+
+    def drop_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Elements that stay float in DROP mode: ``U < drop_p`` with ``U`` drawn from ``self.generator``."""
+        device = self.generator.device if self.generator is not None else x.device
+        u = torch.rand(x.shape, generator=self.generator, device=device)
+        return (u < self.drop_p).to(x.device)
+
+    def check_finite(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming this quantizer when ``x`` holds NaN or Inf."""
+        if not torch.isfinite(x).all():
+            raise ValueError(f"quantizer {self.name!r} ({self.family}, {self.mode.name}): NaN or Inf input")
+
+    def require_calibrated(self) -> None:
+        """Raise when parameters are read before calibration."""
+        if not bool(self.calibrated):
+            raise RuntimeError(f"quantizer {self.name!r} ({self.family}) is not calibrated; calibrate first")
+
+    # ----------------------------------------------------------------- family interface
+    def observe(self, x: torch.Tensor, **ctx: Any) -> None:
+        """Accumulate calibration statistics for ``x``."""
+        raise NotImplementedError(f"{type(self).__name__}.observe")
+
+    def compute_params(self) -> None:
+        """Statistics → parameters, written in place."""
+        raise NotImplementedError(f"{type(self).__name__}.compute_params")
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize ``x`` with the current parameters (differentiable where the family learns)."""
+        raise NotImplementedError(f"{type(self).__name__}.fake_quant")
+
+    def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (int32) of ``x``."""
+        raise NotImplementedError(f"{type(self).__name__}.quantize_int")
+
+    def dequantize_int(self, codes: torch.Tensor) -> torch.Tensor:
+        """Float values of integer ``codes``; ``dequantize_int(quantize_int(x))`` equals ``fake_quant(x)``."""
+        raise NotImplementedError(f"{type(self).__name__}.dequantize_int")
+
+    def export(self) -> dict[str, np.ndarray]:
+        """Parameters needed to decode this quantizer's codes, as numpy arrays."""
+        raise NotImplementedError(f"{type(self).__name__}.export")
+
+    # ----------------------------------------------------------------- state
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        for key, tensor in list(self._parameters.items()) + list(self._buffers.items()):
+            stored = state_dict.get(prefix + key)
+            if tensor is not None and stored is not None and stored.shape != tensor.shape:
+                tensor.data = torch.empty(stored.shape, dtype=tensor.dtype, device=tensor.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, role={self.role.name}, bits={self.bits}, mode={self.mode.name}"

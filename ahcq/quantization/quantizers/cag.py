@@ -1,0 +1,129 @@
+"""CAG: channel-aware grouping, a uniform LSQ activation quantizer whose channels share (scale, zero point)
+within groups.
+
+Calibration gives per-channel parameters (channel axis = last axis) from the per-channel running-average
+min/max. ``regroup(k)`` clusters the channels into ``k`` groups with K-means and gives each group the range
+whose ends are the mean of its members' ends ``lo = s*(qmin - z)``, ``hi = s*(qmax - z)``; that range's
+scale is exactly the mean of the member scales and its zero point the rounded one. Progressive merging uses
+``progressive_schedule(G) = [8G, 4G, 2G, G]``.
+
+Clustering features: each channel's ``(lo, hi)``, each standardised across channels. Both ends are in the
+activation's own unit, so neither is an arbitrary mix of units (the reference clusters the raw
+``(scale, zero point)`` pair, where the integer zero point dominates whenever scales are much smaller than
+one), and standardising keeps the two ends equally weighted whatever the layer's magnitude.
+
+Optimizer safety: ``scale`` is a fixed-size ``[C]`` Parameter (the most groups there can be); the first
+``groups`` entries hold the group scales and ``group_index`` maps each channel to its entry, so regrouping
+rewrites values in place and keeps the Parameter object, and optimizers and LR schedules built before it
+stay valid (the unused tail entries get no gradient). Adam moments of a reused entry carry over from
+whichever channel or group held it before.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from ..primitives import expand_groups, qparams_from_minmax
+from .base import Role
+from .uniform import LSQQuantizer
+
+__all__ = ["CAGQuantizer", "progressive_schedule"]
+
+
+def progressive_schedule(groups: int = 4) -> list[int]:
+    """Group counts of the progressive merging rounds: ``[8G, 4G, 2G, G]``."""
+    if groups < 1:
+        raise ValueError(f"progressive_schedule: groups must be >= 1, got {groups}")
+    return [8 * groups, 4 * groups, 2 * groups, groups]
+
+
+class CAGQuantizer(LSQQuantizer):
+    """Grouped-channel uniform quantizer on the last axis; ``groups`` is the final group count G."""
+
+    family = "cag"
+
+    def __init__(
+        self,
+        role: Role = Role.INPUT,
+        bits: int = 8,
+        *,
+        symmetric: bool = False,
+        ch_axis: int | None = -1,
+        observer: str = "avg_minmax",
+        groups: int | None = 4,
+        seed: int = 0,
+        n_init: int = 10,
+        name: str = "",
+    ) -> None:
+        if ch_axis not in (None, -1):
+            raise ValueError(f"quantizer {name!r}: CAG groups the last axis; got ch_axis={ch_axis}")
+        if groups is not None and groups < 1:
+            raise ValueError(f"quantizer {name!r}: groups must be >= 1, got {groups}")
+        super().__init__(role, bits, symmetric=symmetric, ch_axis=-1, observer=observer, name=name)
+        self.target_groups = groups
+        self.seed = seed
+        self.n_init = n_init
+        self.register_buffer("group_index", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("groups", torch.tensor(1, dtype=torch.int64))
+
+    def compute_params(self) -> None:
+        super().compute_params()
+        channels = self.zero_point.numel()
+        self.group_index = torch.arange(channels, device=self.zero_point.device)
+        self.groups.fill_(channels)
+
+    def channel_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (expand_groups(self.effective_scale(), self.group_index),
+                expand_groups(self.zero_point, self.group_index))
+
+    def _check_shape(self, x: torch.Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.group_index.numel():
+            raise ValueError(f"quantizer {self.name!r}: input of shape {tuple(x.shape)} does not have "
+                             f"{self.group_index.numel()} channels on the last axis")
+
+    def grad_factor(self, x: torch.Tensor) -> float:
+        # per-channel LSQ factor: elements per channel, whatever the grouping
+        return 1.0 / float(np.sqrt(x.numel() / self.group_index.numel() * self.qmax))
+
+    @torch.no_grad()
+    def regroup(self, k: int) -> None:
+        """Cluster the channels' current ranges into ``k`` groups sharing (scale, zero point)."""
+        self.require_calibrated()
+        channels = self.group_index.numel()
+        if not 1 <= k <= channels:
+            raise ValueError(f"quantizer {self.name!r}: regroup({k}) needs 1 <= k <= {channels} channels")
+        scale, zero_point = self.channel_params()
+        lo = scale * (self.qmin - zero_point.float())
+        hi = scale * (self.qmax - zero_point.float())
+        feats = torch.stack([lo, hi], dim=1).double().cpu().numpy()
+        std = feats.std(axis=0)
+        feats = (feats - feats.mean(axis=0)) / np.where(std > 0, std, 1.0)
+        labels = KMeans(n_clusters=k, random_state=self.seed, n_init=self.n_init).fit_predict(feats)
+        index = torch.as_tensor(labels, dtype=torch.int64, device=self.zero_point.device)
+        index = torch.unique(index, return_inverse=True)[1]  # K-means may leave clusters empty
+        used = int(index.max()) + 1
+        counts = torch.bincount(index, minlength=used).to(lo.dtype)
+        group_lo = torch.zeros(used, device=lo.device).index_add_(0, index, lo) / counts
+        group_hi = torch.zeros(used, device=lo.device).index_add_(0, index, hi) / counts
+        group_scale, group_zp = qparams_from_minmax(group_lo.cpu(), group_hi.cpu(), self.bits, self.symmetric)
+        self.scale.data.fill_(1.0)
+        self.scale.data[:used] = group_scale.to(self.scale.device)
+        self.zero_point.zero_()
+        self.zero_point[:used] = group_zp.round().to(self.zero_point.device, torch.int32)
+        self.group_index.copy_(index)
+        self.groups.fill_(used)
+
+    def export(self) -> dict[str, np.ndarray]:
+        self.require_calibrated()
+        used = int(self.groups)
+        return {
+            "kind": np.array("cag"),
+            "bits": np.array(self.bits, dtype=np.int32),
+            "qmin": np.array(self.qmin, dtype=np.int32),
+            "qmax": np.array(self.qmax, dtype=np.int32),
+            "groups": np.array(used, dtype=np.int32),
+            "scale": self.effective_scale().detach().cpu().float().numpy()[:used],
+            "zero_point": self.zero_point.cpu().numpy().astype(np.int32)[:used],
+            "group_index": self.group_index.cpu().numpy().astype(np.int32),
+        }

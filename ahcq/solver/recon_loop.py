@@ -1,0 +1,281 @@
+"""Optimisation of one reconstruction unit (BRECQ / QDrop / AHCPTQ recipe) and its settings.
+
+Two Adams: AdaRound logits at ``weight_lr`` (constant), every other learnable quantizer parameter (LSQ,
+CAG group, HLUQ ``s1``/``s2``, AGQ scales) at ``scale_lr`` with one cosine schedule over the unit's steps.
+CAG quantizers regroup to ``8G, 4G, 2G, G`` at the ``regroup_fractions`` of the steps; their scale Parameter
+keeps its identity, only its Adam moments restart, and the schedule goes on (no restart, unlike the
+reference). QDrop: each element of the quantized input is replaced by the float one with probability
+``1 - drop_prob`` and the unit's activation quantizers drop with the same probability (``drop_prob`` is the
+probability of staying quantized; 1.0 = BRECQ).
+
+Loss: ``sum over feature_axis of (pred - target)^2, mean over every other axis`` per compared output (the
+reference sums over axis 1 whatever it holds; here the axis is the unit's declared channel axis), plus the
+rounding regulariser ``weight * sum(1 - |2h - 1|^b)`` from ``warm_up * iters`` on, ``b`` annealed over
+``b_range``, plus an optional caller term (SAQ-SAM's PAR). A unit always ends hardened and fully quantized.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ahcq.quantization.api import assert_fully_quantized, dropping
+from ahcq.quantization.quantizers import BetaSchedule, CAGQuantizer, Mode, progressive_schedule
+
+from .recon_units import Inputs, ReconUnit, adaround_quantizers, map_tensors, scale_parameters
+from .seeding import stream
+
+__all__ = ["ExtraLoss", "LossContext", "ReconSettings", "UnitReport", "reconstruct_unit", "unit_loss"]
+
+
+@dataclass(frozen=True)
+class ReconSettings:
+    """Everything that decides the result of a reconstruction (stored with a resumable state)."""
+
+    iters: int = 20000
+    batch_size: int = 1
+    weight_lr: float = 1e-3
+    scale_lr: float = 4e-5
+    warm_up: float = 0.2
+    weight: float = 0.01
+    b_range: tuple[float, float] = (20.0, 2.0)
+    drop_prob: float = 1.0
+    regroup_fractions: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+    patience: int | None = None
+    min_delta: float = 0.0
+    seed: int = 0
+    max_items: int | None = None
+    chunk_items: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.iters < 1 or self.batch_size < 1:
+            raise ValueError(f"ReconSettings: iters and batch_size must be >= 1 (got {self.iters}, "
+                             f"{self.batch_size})")
+        if not 0.0 <= self.drop_prob <= 1.0:
+            raise ValueError(f"ReconSettings: drop_prob must be in [0, 1], got {self.drop_prob}")
+        if list(self.regroup_fractions) != sorted(self.regroup_fractions) or not all(
+                0 < f < 1 for f in self.regroup_fractions):
+            raise ValueError(f"ReconSettings: regroup_fractions must increase inside (0, 1), "
+                             f"got {self.regroup_fractions}")
+
+    @classmethod
+    def from_qconfig(cls, qconfig: Any, **overrides: Any) -> ReconSettings:
+        """Settings from a loaded ``QConfig`` (``recon.*``, ``cag.regroup_fractions``, ``seed``)."""
+        r = qconfig.recon
+        values = dict(
+            iters=r.iters, batch_size=r.batch_size, weight_lr=r.weight_lr, scale_lr=r.scale_lr,
+            warm_up=r.warm_up, weight=r.weight, b_range=tuple(r.b_range),
+            drop_prob=r.drop_prob if r.dropping else 1.0,
+            regroup_fractions=tuple(qconfig.cag.regroup_fractions), seed=qconfig.seed,
+            patience=r.early_stop.patience if r.early_stop is not None else None,
+            min_delta=r.early_stop.min_delta if r.early_stop is not None else 0.0,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def float_p(self) -> float:
+        """QDrop probability that an element stays float (the quantizers' ``drop_p``)."""
+        return 1.0 - self.drop_prob
+
+
+@dataclass
+class LossContext:
+    """What an extra loss term sees: the unit, its index, the samples and chunks of the batch, the (QDrop
+    mixed) inputs, the quantized output and the float targets of the compared outputs."""
+
+    unit: ReconUnit
+    unit_index: int
+    entries: list[tuple[int, int]]
+    inputs: Inputs
+    output: Any
+    targets: list[torch.Tensor]
+
+
+ExtraLoss = Callable[[LossContext], torch.Tensor]
+
+
+@dataclass
+class UnitReport:
+    """Per-unit record: steps run, first and last smoothed loss, the scale LR at every step, regroups."""
+
+    name: str
+    steps: int = 0
+    first_loss: float = math.nan
+    last_loss: float = math.nan
+    stopped_early: bool = False
+    seconds: float = 0.0
+    scale_lrs: list[float] = field(default_factory=list)
+    regroups: list[tuple[int, int]] = field(default_factory=list)
+
+
+def unit_loss(unit: ReconUnit, output: Any, targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over the feature axis of the squared error, mean over the other axes, added over outputs."""
+    preds = unit.select(output)
+    if len(preds) != len(targets):
+        raise ValueError(f"unit {unit.name!r}: {len(preds)} outputs but {len(targets)} targets")
+    total = preds[0].new_zeros(())
+    for p, t in zip(preds, targets):
+        if p.shape != t.shape:
+            raise ValueError(f"unit {unit.name!r}: output of shape {tuple(p.shape)} but target "
+                             f"{tuple(t.shape)}")
+        total = total + (p - t).pow(2).sum(dim=unit.feature_axis).mean()
+    return total
+
+
+def _mix(quant: Inputs, floats: Inputs, p: float, generator: torch.Generator) -> Inputs:
+    """QDrop input mixing: each element of a floating tensor becomes the float value with probability p."""
+    q_leaves: list[torch.Tensor] = []
+    map_tensors(quant, q_leaves.append)
+    f_leaves: list[torch.Tensor] = []
+    map_tensors(floats, f_leaves.append)
+    if len(q_leaves) != len(f_leaves):
+        raise ValueError("QDrop: quantized and float inputs have different structures")
+    pairs = iter(zip(q_leaves, f_leaves))
+
+    def mix(q: torch.Tensor) -> torch.Tensor:
+        _, f = next(pairs)
+        if not q.is_floating_point() or q is f:
+            return q
+        u = torch.rand(q.shape, generator=generator).to(q.device)
+        return torch.where(u < p, f.to(q.device), q)
+    return map_tensors(quant, mix)
+
+
+def _regroup_plan(unit: ReconUnit, settings: ReconSettings) -> list[tuple[int, CAGQuantizer, int]]:
+    """``(step, quantizer, groups)`` of every CAG regroup round in the unit."""
+    plan = []
+    for q in unit.quantizers:
+        if not isinstance(q, CAGQuantizer) or q.target_groups is None:
+            continue
+        channels = q.group_index.numel()
+        targets = progressive_schedule(q.target_groups)[-len(settings.regroup_fractions):]
+        fractions = settings.regroup_fractions[-len(targets):]
+        for f, g in zip(fractions, targets):
+            plan.append((max(1, math.floor(f * settings.iters)), q, min(g, channels)))
+    return sorted(plan, key=lambda item: item[0])
+
+
+def _regroup(q: CAGQuantizer, groups: int, optimizer: torch.optim.Optimizer | None) -> None:
+    """Regroup ``q``; parameters it replaced leave the optimizer, new ones join it, and the Adam state of
+    every parameter of ``q`` restarts (its entries now mean other groups). The LR schedule is untouched."""
+    before = {id(p) for p in q.parameters(recurse=False)}
+    q.regroup(groups)
+    if optimizer is None:
+        return
+    after = [p for p in q.parameters(recurse=False) if p.requires_grad]
+    kept = {id(p) for p in after}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in before or id(p) in kept]
+    listed = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    optimizer.param_groups[0]["params"].extend(p for p in after if id(p) not in listed)
+    for p in after:
+        optimizer.state.pop(p, None)
+
+
+def _finish(unit: ReconUnit) -> None:
+    """Harden every AdaRound of the unit and require the evaluation state (no soft rounding, no dropping)."""
+    for q in adaround_quantizers(unit):
+        q.harden()
+    soft = [q.name for q in adaround_quantizers(unit) if not q.is_hard]
+    if soft:
+        raise RuntimeError(f"unit {unit.name!r}: AdaRound still soft after hardening: {soft}")
+    if unit.quantizers:
+        assert_fully_quantized(unit.module)
+
+
+def reconstruct_unit(
+    unit: ReconUnit,
+    unit_index: int,
+    settings: ReconSettings,
+    batch: Callable[[torch.Generator], tuple[list[tuple[int, int]], Inputs, Inputs, list[torch.Tensor]]],
+    extra_loss: ExtraLoss | None = None,
+    progress: bool = True,
+) -> UnitReport:
+    """Train ``unit`` for ``settings.iters`` steps (or until early stop) and leave it hardened.
+
+    ``batch(generator)`` returns ``(entries, quantized inputs, float inputs, float targets)`` on the unit's
+    device. The unit's quantizers must be calibrated and in ``Mode.QUANTIZE``.
+    """
+    report = UnitReport(unit.name)
+    start = time.perf_counter()
+    not_ready = [q.name for q in unit.quantizers if q.mode is not Mode.QUANTIZE]
+    if not_ready:
+        raise RuntimeError(f"unit {unit.name!r}: quantizers not in QUANTIZE mode: {not_ready}")
+    already = [q.name for q in adaround_quantizers(unit) if q.is_hard]
+    if already:
+        raise RuntimeError(f"unit {unit.name!r}: AdaRound already hardened (reconstructed twice?): {already}")
+    rounding = [q.alpha for q in adaround_quantizers(unit)]
+    scales = scale_parameters(unit)
+    opt_w = torch.optim.Adam(rounding, lr=settings.weight_lr) if rounding else None
+    opt_s = torch.optim.Adam(scales, lr=settings.scale_lr) if scales else None
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=settings.iters) if opt_s else None
+    beta = BetaSchedule(settings.iters, settings.b_range[0], settings.b_range[1], settings.warm_up)
+    regroups = _regroup_plan(unit, settings)
+    masks, batches = stream(settings.seed, "qdrop", unit_index), stream(settings.seed, "batches", unit_index)
+    p = settings.float_p
+    trained = {id(t) for t in rounding + scales}
+    frozen = [t for t in unit.module.parameters() if t.requires_grad and id(t) not in trained]
+    was_training = unit.module.training
+    for t in frozen:
+        t.requires_grad_(False)
+    unit.module.eval()
+    ema, best, wait = math.nan, math.inf, 0
+    try:
+        with dropping(unit.module, p, masks) if p > 0 else nullcontext():
+            for step in tqdm(range(settings.iters), desc=f"recon {unit.name}", disable=not progress,
+                             leave=False):
+                while regroups and regroups[0][0] == step:
+                    _, q, groups = regroups.pop(0)
+                    _regroup(q, groups, opt_s)
+                    report.regroups.append((step, groups))
+                entries, quant, floats, targets = batch(batches)
+                inputs = _mix(quant, floats, p, masks) if p > 0 else quant
+                output = unit.call(unit.module, inputs)
+                rec = unit_loss(unit, output, targets)
+                loss = rec
+                if extra_loss is not None:
+                    loss = loss + extra_loss(LossContext(unit, unit_index, entries, inputs, output, targets))
+                if rounding and beta.active(step) and settings.weight > 0:
+                    b = beta(step)
+                    loss = loss + settings.weight * sum(q.regularizer(b) for q in adaround_quantizers(unit))
+                for opt in (opt_w, opt_s):
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
+                if loss.requires_grad:
+                    loss.backward()
+                for opt in (opt_w, opt_s):
+                    if opt is not None:
+                        opt.step()
+                if sched is not None:
+                    report.scale_lrs.append(sched.get_last_lr()[0])
+                    sched.step()
+                value = float(loss.detach())
+                ema = value if math.isnan(ema) else 0.9 * ema + 0.1 * value
+                report.first_loss = value if step == 0 else report.first_loss
+                report.last_loss = ema
+                report.steps = step + 1
+                if settings.patience is not None and beta.active(step):
+                    if ema < best - settings.min_delta:
+                        best, wait = ema, 0
+                    else:
+                        wait += 1
+                    if wait >= settings.patience:
+                        report.stopped_early = True
+                        break
+        for step, q, groups in regroups:
+            _regroup(q, groups, None)
+            report.regroups.append((step, groups))
+    finally:
+        for t in frozen:
+            t.requires_grad_(True)
+        unit.module.train(was_training)
+    _finish(unit)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,156 @@
+"""Block reconstruction of a calibrated, quantized model, unit by unit (BRECQ, QDrop, AHCPTQ, SAQ-SAM).
+
+``reconstruct`` is model-agnostic: the caller gives the units in forward order (``recon_units``), the
+calibration samples and how to run the model on one. The model runs once in float to fill the activation
+cache (``recon_capture``); each unit is then trained on its cached inputs (``recon_loop``), hardened, and
+run once to make the next unit's quantized inputs. With ``state_dir`` the run saves after every unit and an
+interrupted run resumes from the last finished unit with the same final state (``recon_state``).
+
+Guarantees on return: every AdaRound in every unit is hard and every quantizer of the model is in
+``Mode.QUANTIZE`` without dropping (``assert_fully_quantized``), so QDrop can never leak into evaluation.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ahcq.quantization.api import assert_fully_quantized, iter_quantizers, set_mode
+from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
+
+from .recon_cache import ActivationCache, ItemPlan
+from .recon_capture import CaptureIndex, capture, module_device, propagate, release, to_device
+from .recon_loop import ExtraLoss, ReconSettings, UnitReport, reconstruct_unit
+from .recon_state import load_state, save_state
+from .recon_units import Inputs, ReconUnit, units_from_names
+from .seeding import seed_everything
+
+__all__ = ["ReconResult", "ReconSettings", "ReconUnit", "default_forward", "reconstruct", "units_from_names"]
+
+UnitCallback = Callable[[int, ReconUnit, UnitReport], None]
+
+
+def default_forward(model: nn.Module, sample: Any) -> Any:
+    """``model(*sample)`` for a tuple sample, ``model(**sample)`` for a dict, ``model(sample)`` otherwise."""
+    if isinstance(sample, tuple):
+        return model(*sample)
+    if isinstance(sample, dict):
+        return model(**sample)
+    return model(sample)
+
+
+@dataclass
+class ReconResult:
+    """Per-unit reports of the units trained in this call, where it started, and cache usage."""
+
+    reports: list[UnitReport] = field(default_factory=list)
+    resumed_at: int = 0
+    peak_cache_bytes: int = 0
+    spilled_bytes: int = 0
+
+
+def _concat(values: list[Any]) -> Any:
+    """Stack parallel structures along dim 0 (tensors); other leaves must agree."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values, dim=0)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([v[i] for v in values]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _concat([v[k] for v in values]) for k in first}
+    if any(v != first for v in values[1:]):
+        raise ValueError(f"cannot batch samples whose non-tensor inputs differ ({first!r})")
+    return first
+
+
+def _batcher(cache: ActivationCache, index: CaptureIndex, k: int, batch_size: int,
+             device: torch.device) -> Callable[[torch.Generator], tuple]:
+    entries = index.entries(k)
+
+    def batch(generator: torch.Generator) -> tuple[list[tuple[int, int]], Inputs, Inputs, list[torch.Tensor]]:
+        picks = [entries[i] for i in torch.randint(len(entries), (batch_size,), generator=generator).tolist()]
+        floats = [cache.get(("fin", k, s, c)) for s, c in picks]
+        same = index.qin_key(k, 0, 0)[0] == "fin"  # unit 0 behind a float prefix: one tensor, no mixing
+        quant = floats if same else [cache.get(index.qin_key(k, s, c)) for s, c in picks]
+        targets = [cache.get(("fout", k, s, c)) for s, c in picks]
+        if batch_size == 1:
+            floats, quant, targets = floats[0], quant[0], targets[0]
+        else:
+            floats, quant, targets = _concat(floats), _concat(quant) if not same else None, _concat(targets)
+        floats = to_device(floats, device)
+        quant = floats if same else to_device(quant, device)
+        return picks, quant, floats, to_device(targets, device)
+    return batch
+
+
+def _harden_outside(model: nn.Module, units: Sequence[ReconUnit]) -> None:
+    """AdaRound weights outside every unit are never trained: round them to nearest now, before they feed
+    the first unit, rather than leaving soft logits that evaluate as the float weights."""
+    inside = {id(q) for u in units for q in u.quantizers}
+    for _, q in iter_quantizers(model):
+        if isinstance(q, AdaRoundQuantizer) and id(q) not in inside and not q.is_hard:
+            q.harden()
+
+
+def reconstruct(
+    model: nn.Module,
+    units: Sequence[ReconUnit],
+    samples: Sequence[Any],
+    settings: ReconSettings,
+    forward: Callable[[nn.Module, Any], Any] = default_forward,
+    *,
+    max_cache_gb: float = 8.0,
+    cache_dir: str | Path | None = None,
+    state_dir: str | Path | None = None,
+    extra_loss: ExtraLoss | None = None,
+    on_unit_end: UnitCallback | None = None,
+    progress: bool = True,
+) -> ReconResult:
+    """Reconstruct ``units`` of the calibrated ``model`` in order; see the module docstring.
+
+    ``max_cache_gb``: CPU memory for cached activations; the rest spills to ``cache_dir`` (a temporary
+    folder by default). ``state_dir``: save after each unit and resume from it. ``on_unit_end(k, unit,
+    report)`` runs after unit ``k`` is finished and saved.
+    """
+    if not units:
+        raise ValueError("reconstruct: no units")
+    if max_cache_gb < 0:
+        raise ValueError(f"reconstruct: max_cache_gb must be >= 0, got {max_cache_gb}")
+    names = [u.name for u in units]
+    set_mode(model, Mode.QUANTIZE)
+    _harden_outside(model, units)
+    seed_everything(settings.seed)
+    result = ReconResult()
+    if state_dir is not None:
+        start = load_state(state_dir, model, names, settings)
+        result.resumed_at = start or 0
+    if result.resumed_at >= len(units):
+        assert_fully_quantized(model)
+        return result
+    plan = ItemPlan(settings.seed, settings.max_items, settings.chunk_items)
+    with ActivationCache(int(max_cache_gb * 2**30), cache_dir) as cache:
+        index = capture(model, units, samples, forward, cache, plan, progress)
+        for k in range(result.resumed_at):
+            propagate(units, k, cache, index, progress)
+            release(cache, index, k)
+        for k in tqdm(range(result.resumed_at, len(units)), desc="reconstruction", disable=not progress,
+                      initial=result.resumed_at, total=len(units)):
+            unit = units[k]
+            batch = _batcher(cache, index, k, settings.batch_size, module_device(unit.module))
+            report = reconstruct_unit(unit, k, settings, batch, extra_loss, progress)
+            if k + 1 < len(units):
+                propagate(units, k, cache, index, progress)
+            release(cache, index, k)
+            result.reports.append(report)
+            if state_dir is not None:
+                save_state(state_dir, model, k + 1, names, settings)
+            if on_unit_end is not None:
+                on_unit_end(k, unit, report)
+        result.peak_cache_bytes, result.spilled_bytes = cache.peak_memory_bytes, cache.spilled_bytes
+    assert_fully_quantized(model)
+    return result

@@ -1,0 +1,1 @@
+"""Golden integer model of the HLUQ/CAG accelerator: pure numpy, no simulator needed."""

@@ -1,0 +1,1 @@
+"""yosys area estimates of the PE variants (see synth.py)."""

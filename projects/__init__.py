@@ -1,0 +1,1 @@
+"""MMDetection plugin package: SAM detector wrapper and configs."""

@@ -1,0 +1,135 @@
+"""Every config under projects/configs loads, takes its paths from the environment, builds its detector."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mmcv
+import pytest
+from mmdet.datasets import CocoDataset
+from mmdet.models import DETECTORS, build_detector
+from plugin_helpers import CONFIGS, small_sam
+
+import ahcq.data.shapes as shapes
+from projects.instance_segment_anything import (
+    DetectionFilePrompt,
+    DetWrapperInstanceSAM,
+    GTBoxPrompt,
+    MMDetPrompt,
+)
+
+ALL = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.py"))
+SAM_CONFIGS = [
+    f"{folder}/{prefix}-sam-vit-{size}.py"
+    for folder, prefix in [
+        ("faster_rcnn", "faster_rcnn"),
+        ("yolox", "yolo_l"),
+        ("hdetr", "hdetr"),
+        ("focalnet_dino", "focalnet_dino"),
+    ]
+    for size in "blh"
+]
+DETECTOR_CONFIGS = [p for p in ALL if p.startswith("detectors/")]
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point every path variable at a scratch tree holding just enough files for the file-based prompts."""
+    coco = tmp_path / "coco" / "annotations"
+    coco.mkdir(parents=True)
+    cats = [{"id": i + 1, "name": name} for i, name in enumerate(CocoDataset.CLASSES)]
+    for split in ("train2017", "val2017"):
+        (coco / f"instances_{split}.json").write_text(
+            json.dumps({"images": [], "annotations": [], "categories": cats})
+        )
+    demo = tmp_path / "demo" / "annotations"
+    demo.mkdir(parents=True)
+    demo_cats = [{"id": i + 1, "name": name} for i, name in enumerate(shapes.CATEGORIES)]
+    for split in ("train", "val"):
+        (demo / f"instances_{split}.json").write_text(
+            json.dumps({"images": [], "annotations": [], "categories": demo_cats})
+        )
+    dets = tmp_path / "dets"
+    dets.mkdir()
+    for name in ("hdetr_r50", "focalnet_dino_l"):
+        for split in ("train2017", "val2017"):
+            (dets / f"{name}_{split}.bbox.json").write_text("[]")
+    for var, sub in [
+        ("AHCQ_DATA_ROOT", "coco"),
+        ("AHCQ_DEMO_ROOT", "demo"),
+        ("AHCQ_DET_DIR", "dets"),
+        ("AHCQ_CKPT_DIR", "weights"),
+    ]:
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    return tmp_path
+
+
+def test_the_reference_config_names_are_all_there():
+    assert set(SAM_CONFIGS + ["demo/tiny_sam_oracle.py", "_base_/coco_instance_sam.py"]) <= set(ALL)
+    assert len(DETECTOR_CONFIGS) == 3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_text_has_no_absolute_path(name):
+    text = (CONFIGS / name).read_text()
+    assert not re.search(r"""['"](/|[A-Za-z]:\\)""", text), f"{name} writes an absolute path"
+
+
+@pytest.mark.parametrize("name", [p for p in ALL if p not in DETECTOR_CONFIGS])
+def test_sam_config_loads_with_paths_from_the_environment(name, env):
+    cfg = mmcv.Config.fromfile(str(CONFIGS / name))
+    assert cfg.model.type == "DetWrapperInstanceSAM"
+    assert cfg.plugin is True and (CONFIGS.parents[1] / cfg.plugin_dir).is_dir()
+    assert cfg.data.samples_per_gpu == 1
+    root = env / ("demo" if name.startswith("demo/") else "coco")
+    for split in ("train", "val", "test"):
+        assert cfg.data[split].ann_file.startswith(str(root)) and cfg.data[split].img_prefix.startswith(
+            str(root)
+        )
+    assert cfg.model.sam.checkpoint.startswith(str(env / "weights"))
+    size = re.search(r"vit-([blh])\.py$", name)
+    if size:
+        assert cfg.model.sam.model_type == f"vit_{size.group(1)}"
+        assert cfg.model.num_classes == 80
+    prompt = cfg.model.prompt
+    for key in ("det_file", "ann_file", "checkpoint"):
+        value = prompt.get(key)
+        for path in [value] if isinstance(value, str) else list(value or []):
+            assert path.startswith(str(env)), f"{name}: model.prompt.{key} {path} ignores the environment"
+
+
+@pytest.mark.parametrize("name", SAM_CONFIGS + ["demo/tiny_sam_oracle.py"])
+def test_sam_config_builds_with_a_small_random_sam(name, env):
+    cfg = mmcv.Config.fromfile(str(CONFIGS / name))
+    model_cfg = cfg.model.copy()
+    model_cfg.sam = small_sam()
+    if model_cfg.prompt.type == "MMDetPrompt":
+        if not name.endswith("vit-b.py"):
+            pytest.skip("same detector as the vit-b config (built there)")
+        if not Path(model_cfg.prompt.config).is_file():
+            pytest.skip(f"mmdet package ships no configs ({model_cfg.prompt.config})")
+        model_cfg.prompt.checkpoint = None
+    model = build_detector(model_cfg)
+    assert isinstance(model, DetWrapperInstanceSAM)
+    expected = {
+        "MMDetPrompt": MMDetPrompt,
+        "DetectionFilePrompt": DetectionFilePrompt,
+        "GTBoxPrompt": GTBoxPrompt,
+    }
+    assert type(model.prompt) is expected[cfg.model.prompt.type]
+    assert model.num_classes == len(cfg.data.test.get("classes") or CocoDataset.CLASSES)
+
+
+@pytest.mark.parametrize("name", DETECTOR_CONFIGS)
+def test_detector_config_loads_an_mmdet_detector(name):
+    cfg = mmcv.Config.fromfile(str(CONFIGS / name))
+    assert cfg.model.type in DETECTORS
+    assert cfg.data.test.pipeline[0].type == "LoadImageFromFile"
+
+
+def test_missing_sam_weights_are_named(env):
+    cfg = mmcv.Config.fromfile(str(CONFIGS / "hdetr" / "hdetr-sam-vit-l.py"))
+    with pytest.raises(FileNotFoundError, match="sam_vit_l_0b3195.pth"):
+        build_detector(cfg.model)

@@ -1,0 +1,139 @@
+"""DetWrapperInstanceSAM end to end through mmdet's test loop and evaluation, against a direct COCOeval."""
+
+from __future__ import annotations
+
+import copy
+
+import mmcv
+import numpy as np
+import pytest
+import torch
+from mmdet.datasets.pipelines import Compose
+from plugin_helpers import direct_coco_ap, run_mmdet_test, sam_dataset, small_sam
+
+from projects.instance_segment_anything import DetWrapperInstanceSAM, GTBoxPrompt
+from projects.instance_segment_anything.detector import _loaded_images
+
+
+class CountingGTBoxPrompt(GTBoxPrompt):
+    """Ground-truth prompts that count how often they are asked."""
+
+    calls = 0
+
+    def forward(self, image_bgr, img_meta):
+        self.calls += 1
+        return super().forward(image_bgr, img_meta)
+
+
+def _model(coco: dict, **kwargs) -> DetWrapperInstanceSAM:
+    prompt = dict(type="GTBoxPrompt", ann_file=coco["ann_file"], classes=coco["classes"])
+    kwargs.setdefault("num_classes", len(coco["classes"]))
+    return DetWrapperInstanceSAM(small_sam(), prompt, **kwargs)
+
+
+def _first_batch(dataset, idx: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    data = dataset[idx]
+    return data["img"][0][None], [data["img_metas"][0].data]
+
+
+@pytest.mark.parametrize("coco_name", ["shapes_coco", "labelme_coco"])
+def test_mmdet_evaluate_equals_direct_cocoeval(coco_name, request):
+    coco = request.getfixturevalue(coco_name)
+    dataset = sam_dataset(coco)
+    results = run_mmdet_test(_model(coco, use_box_score=False), dataset)
+    assert len(results) == len(dataset)
+    metrics = dataset.evaluate(copy.deepcopy(results), metric=["bbox", "segm"])
+    segm = direct_coco_ap(results, coco, "segm")
+    bbox = direct_coco_ap(results, coco, "bbox")
+    assert metrics["bbox_mAP"] == 1.0 and bbox[0] == pytest.approx(1.0)  # ground-truth boxes come back
+    assert metrics["segm_mAP"] == pytest.approx(segm[0], abs=5e-4)
+    assert metrics["segm_mAP_50"] == pytest.approx(segm[1], abs=5e-4)
+    assert metrics["segm_mAP_l"] == pytest.approx(segm[5], abs=5e-4)
+
+
+def test_results_hold_ground_truth_boxes_and_full_size_masks(shapes_coco):
+    dataset = sam_dataset(shapes_coco)
+    results = run_mmdet_test(_model(shapes_coco), dataset)
+    for idx, (bbox_results, segm_results) in enumerate(results):
+        gt = dataset.get_ann_info(idx)
+        info = dataset.data_infos[idx]
+        for label in range(len(shapes_coco["classes"])):
+            expected = gt["bboxes"][gt["labels"] == label]
+            np.testing.assert_array_equal(bbox_results[label][:, :4], expected)
+            assert [tuple(m["size"]) for m in segm_results[label]] == [(info["height"], info["width"])] * len(
+                expected
+            )
+
+
+def test_pipeline_gives_the_loaded_image_back(labelme_coco):
+    dataset = sam_dataset(labelme_coco)
+    img, metas = _first_batch(dataset)
+    (image,) = _loaded_images(img, metas)
+    np.testing.assert_array_equal(image, mmcv.imread(metas[0]["filename"]))
+
+
+def test_a_resizing_pipeline_is_refused(shapes_coco):
+    dataset = sam_dataset(shapes_coco)
+    dataset.pipeline = Compose(
+        [
+            dict(type="LoadImageFromFile"),
+            dict(
+                type="MultiScaleFlipAug",
+                img_scale=(200, 100),
+                flip=False,
+                transforms=[
+                    dict(type="Resize", keep_ratio=True),
+                    dict(type="Normalize", mean=[0, 0, 0], std=[1, 1, 1], to_rgb=True),
+                    dict(type="Pad", size_divisor=1),
+                    dict(type="ImageToTensor", keys=["img"]),
+                    dict(type="Collect", keys=["img"]),
+                ],
+            ),
+        ]
+    )
+    img, metas = _first_batch(dataset)
+    with pytest.raises(ValueError, match="resized by the test pipeline"):
+        _model(shapes_coco).simple_test(img, metas)
+
+
+def test_cached_inputs_reproduce_simple_test_without_rerunning_prompts(shapes_coco):
+    dataset = sam_dataset(shapes_coco)
+    prompt = CountingGTBoxPrompt(shapes_coco["ann_file"], classes=shapes_coco["classes"])
+    model = DetWrapperInstanceSAM(small_sam(), prompt, num_classes=2, box_chunk=1).eval()
+    img, metas = _first_batch(dataset, 1)
+    (expected,) = model.simple_test(img, metas)
+    (sample,) = model.prepare(img, metas)
+    assert prompt.calls == 2
+    assert sample.image.tensor.shape == (1, 3, 64, 64) and len(sample.prompts.boxes) >= 2
+    embedding = model.extract_feat(img, metas)
+    for got in (model.predict_cached(sample), model.predict_cached(sample, embedding)):
+        for label in range(2):
+            np.testing.assert_array_equal(got[0][label], expected[0][label])
+            np.testing.assert_array_equal(np.array(got[1][label]), np.array(expected[1][label]))
+    assert prompt.calls == 2
+
+
+def test_box_score_flag_multiplies_scores(shapes_coco):
+    dataset = sam_dataset(shapes_coco)
+    img, metas = _first_batch(dataset)
+    (sample,) = _model(shapes_coco).prepare(img, metas)
+    sample.prompts.scores = torch.full_like(sample.prompts.scores, 0.5)
+    with_box = _model(shapes_coco, use_box_score=True).predict_cached(sample)
+    iou_only = _model(shapes_coco, use_box_score=False).predict_cached(sample)
+    for label in range(2):
+        np.testing.assert_allclose(with_box[0][label][:, 4], 0.5 * iou_only[0][label][:, 4], rtol=1e-6)
+
+
+def test_bad_configuration_is_named(shapes_coco):
+    with pytest.raises(ValueError, match="box_chunk"):
+        _model(shapes_coco, box_chunk=0)
+    with pytest.raises(KeyError, match="NoSuchPrompt"):
+        DetWrapperInstanceSAM(small_sam(), dict(type="NoSuchPrompt"))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        DetWrapperInstanceSAM(
+            dict(type="TinySAM", checkpoint="missing.pth"), dict(type="GTBoxPrompt", ann_file="x")
+        )
+    dataset = sam_dataset(shapes_coco)
+    img, metas = _first_batch(dataset)
+    with pytest.raises(ValueError, match="num_classes=1"):
+        _model(shapes_coco, num_classes=1).simple_test(img, metas)

@@ -1,0 +1,104 @@
+"""CAG: grouping quality, partition, parameter identity, group parameters by hand."""
+import pytest
+import torch
+
+from ahcq.quantization.quantizers import CAGQuantizer, LSQQuantizer, Mode, Role, progressive_schedule
+
+
+def channel_varying(seed=0, channels=48):
+    """Channels in a few families of very different ranges, so a handful of groups fits well."""
+    torch.manual_seed(seed)
+    spread = torch.tensor([0.05, 0.3, 1.0, 4.0])[torch.arange(channels) % 4]
+    offset = torch.tensor([0.0, 0.5, -1.0, 2.0])[torch.arange(channels) % 4]
+    spread = spread * (1 + 0.1 * torch.rand(channels))
+    return [torch.randn(64, channels) * spread + offset for _ in range(3)]
+
+
+def calibrate(q, batches):
+    q.set_mode(Mode.CALIBRATE)
+    for x in batches:
+        q(x)
+    q.set_mode(Mode.QUANTIZE)
+    return q
+
+
+def mse(q, batches):
+    with torch.no_grad():
+        return sum(((q(x) - x) ** 2).mean().item() for x in batches)
+
+
+def test_four_groups_lie_between_per_tensor_and_per_channel():
+    batches = channel_varying()
+    per_tensor = calibrate(LSQQuantizer(Role.INPUT, 4), batches)
+    per_channel = calibrate(LSQQuantizer(Role.INPUT, 4, ch_axis=-1), batches)
+    cag = calibrate(CAGQuantizer(Role.INPUT, 4, groups=4), batches)
+    assert mse(cag, batches) == pytest.approx(mse(per_channel, batches), rel=1e-6)  # starts per channel
+    cag.regroup(4)
+    err_t, err_g, err_c = mse(per_tensor, batches), mse(cag, batches), mse(per_channel, batches)
+    assert err_c < err_g < err_t
+    assert err_g < 0.5 * err_t
+
+
+def test_group_index_partitions_channels():
+    batches = channel_varying(1)
+    q = calibrate(CAGQuantizer(Role.INPUT, 4), batches)
+    for k in progressive_schedule(4):
+        q.regroup(k)
+        index = q.group_index
+        assert index.shape == (48,) and index.dtype == torch.int64
+        assert int(q.groups) == k
+        assert torch.equal(torch.unique(index), torch.arange(k))
+        exported = q.export()
+        assert exported["scale"].shape == (k,) and exported["zero_point"].shape == (k,)
+        assert (exported["group_index"] == index.numpy()).all()
+
+
+def test_group_parameters_are_the_mean_member_ranges():
+    batches = channel_varying(2)
+    q = calibrate(CAGQuantizer(Role.INPUT, 6, observer="avg_minmax"), batches)
+    scale_c = q.scale.detach().clone()
+    zp_c = q.zero_point.clone()
+    q.regroup(5)
+    for g in range(5):
+        members = q.group_index == g
+        assert q.scale[g].item() == pytest.approx(scale_c[members].mean().item(), rel=1e-5)
+        lo = (scale_c[members] * (0 - zp_c[members].float())).mean()
+        expected_zp = min(max(round(-lo.item() / q.scale[g].item()), 0), 63)
+        assert int(q.zero_point[g]) == expected_zp
+    x = batches[0]
+    s = q.scale.detach()[q.group_index]
+    z = q.zero_point[q.group_index]
+    assert torch.equal(q(x), torch.fake_quantize_per_channel_affine(x, s, z, 1, 0, 63))
+
+
+def test_regroup_keeps_parameter_identity_and_optimizer_works():
+    batches = channel_varying(3)
+    q = CAGQuantizer(Role.INPUT, 4)
+    scale = q.scale
+    calibrate(q, batches)
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    for k in (16, 4):
+        q.regroup(k)
+        assert q.scale is scale
+        opt.zero_grad()
+        (q(batches[0]) - batches[0]).pow(2).mean().backward()
+        assert torch.count_nonzero(scale.grad[k:]) == 0 and torch.count_nonzero(scale.grad[:k]) > 0
+        opt.step()
+
+
+def test_regroup_is_deterministic_and_validates():
+    batches = channel_varying(4)
+    a = calibrate(CAGQuantizer(Role.INPUT, 4, name="enc.lin1.input_quantizer"), batches)
+    b = calibrate(CAGQuantizer(Role.INPUT, 4), batches)
+    a.regroup(8)
+    b.regroup(8)
+    assert torch.equal(a.group_index, b.group_index)
+    with pytest.raises(ValueError, match="enc.lin1.input_quantizer.*regroup"):
+        a.regroup(49)
+    with pytest.raises(ValueError, match="last axis"):
+        CAGQuantizer(Role.INPUT, 4, ch_axis=0)
+    assert progressive_schedule(4) == [32, 16, 8, 4]
+    with pytest.raises(ValueError):
+        progressive_schedule(0)
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        CAGQuantizer(Role.INPUT, 4).regroup(2)

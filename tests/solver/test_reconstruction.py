@@ -1,0 +1,237 @@
+"""Block reconstruction on a small W4A4 transformer stack: error, evaluation state, resume, determinism."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from test_reconstruction_helpers import calibration_data, make_model
+
+from ahcq.quantization.api import NotFullyQuantizedError, assert_fully_quantized, iter_quantizers
+from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode, Role
+from ahcq.solver.recon_loop import LossContext
+from ahcq.solver.reconstruction import ReconSettings, reconstruct, units_from_names
+
+UNITS = ["blocks.0", "blocks.1", "blocks.2"]
+FAST = dict(iters=30, weight_lr=1e-2, scale_lr=1e-3, drop_prob=0.5)
+
+
+def run(model, settings, **kwargs):
+    units = units_from_names(model, UNITS)
+    return reconstruct(model, units, calibration_data(), settings, progress=False, **kwargs)
+
+
+def output_error(model, float_model) -> float:
+    with torch.no_grad():
+        return sum(float((model(x) - float_model(x)).pow(2).mean()) for x in calibration_data())
+
+
+def float_twin(model):
+    twin = copy.deepcopy(model)
+    for _, q in iter_quantizers(twin):
+        q.set_mode(Mode.OFF)
+    return twin
+
+
+def nearest_rounding(model):
+    """Calibration only: every quantizer on, AdaRound hardened at its initial (round-to-nearest) logits."""
+    plain = copy.deepcopy(model)
+    for _, q in iter_quantizers(plain):
+        q.set_mode(Mode.QUANTIZE)
+        if isinstance(q, AdaRoundQuantizer):
+            q.harden()
+    return plain
+
+
+def assert_same_state(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("drop_prob, bound", [(1.0, 0.8), (0.5, 0.9)])
+def test_reconstruction_lowers_output_error_below_calibration_only(drop_prob, bound):
+    model = make_model()
+    reference, baseline = float_twin(model), nearest_rounding(model)
+    run(model, ReconSettings(**{**FAST, "iters": 60, "weight_lr": 3e-2, "drop_prob": drop_prob}))
+    assert output_error(model, reference) < bound * output_error(baseline, reference)
+
+
+def test_after_reconstruction_everything_is_hard_and_quantized():
+    model = make_model()
+    result = run(model, ReconSettings(**FAST))
+    assert [r.steps for r in result.reports] == [30, 30, 30]
+    rounding = [q for _, q in iter_quantizers(model) if isinstance(q, AdaRoundQuantizer)]
+    assert len(rounding) == 12 and all(q.is_hard for q in rounding)
+    assert all(q.mode is Mode.QUANTIZE and q.drop_p == 0.0 for _, q in iter_quantizers(model))
+    assert_fully_quantized(model)
+
+
+def test_evaluation_refuses_dropping_or_soft_rounding():
+    model = make_model()
+    run(model, ReconSettings(**FAST))
+    dropping = copy.deepcopy(model)
+    dropping.blocks[1].fc1.input_quantizer.set_mode(Mode.DROP, drop_p=0.5)
+    with pytest.raises(NotFullyQuantizedError) as err:
+        assert_fully_quantized(dropping)
+    assert err.value.offenders[0][0] == "blocks.1.fc1.input_quantizer"
+    soft = copy.deepcopy(model)
+    soft.blocks[2].fc2.weight_quantizer.hard.fill_(False)
+    with pytest.raises(NotFullyQuantizedError, match="soft"):
+        assert_fully_quantized(soft)
+
+
+def test_qdrop_drops_only_during_reconstruction_and_a_leftover_drop_is_caught():
+    model = make_model()
+    seen = []
+
+    def spy(ctx: LossContext) -> torch.Tensor:
+        seen.append({q.name: (q.mode, q.drop_p) for q in ctx.unit.quantizers})
+        return ctx.output.new_zeros(())
+
+    run(model, ReconSettings(**{**FAST, "iters": 3, "drop_prob": 0.75}), extra_loss=spy)
+    for modes in seen:
+        for name, (mode, p) in modes.items():
+            expected = (Mode.QUANTIZE, 0.0) if name.endswith("weight_quantizer") else (Mode.DROP, 0.25)
+            assert (mode, p) == expected, name
+    assert_fully_quantized(model)
+
+    def sabotage(ctx: LossContext) -> torch.Tensor:
+        ctx.unit.module.fc2.weight_quantizer.set_mode(Mode.DROP, drop_p=0.5)
+        return ctx.output.new_zeros(())
+
+    with pytest.raises(NotFullyQuantizedError, match="fc2.weight_quantizer"):
+        run(make_model(), ReconSettings(**{**FAST, "iters": 2}), extra_loss=sabotage)
+
+
+def test_brecq_never_drops():
+    model = make_model()
+    modes = set()
+
+    def spy(ctx: LossContext) -> torch.Tensor:
+        modes.update(q.mode for q in ctx.unit.quantizers)
+        return ctx.output.new_zeros(())
+
+    run(model, ReconSettings(**{**FAST, "iters": 2, "drop_prob": 1.0}), extra_loss=spy)
+    assert modes == {Mode.QUANTIZE}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    settings = ReconSettings(**{**FAST, "iters": 12})
+    straight = make_model()
+    run(straight, settings, state_dir=tmp_path / "a")
+
+    def stop_after_unit_1(k, unit, report):
+        if k == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(make_model(), settings, state_dir=tmp_path / "b", on_unit_end=stop_after_unit_1)
+    resumed = make_model()
+    result = run(resumed, settings, state_dir=tmp_path / "b")
+    assert result.resumed_at == 2 and [r.name for r in result.reports] == ["blocks.2"]
+    assert_same_state(straight, resumed)
+    assert_fully_quantized(resumed)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    run(make_model(), ReconSettings(**{**FAST, "iters": 2}), state_dir=tmp_path)
+    with pytest.raises(ValueError, match="iters"):
+        run(make_model(), ReconSettings(**{**FAST, "iters": 3}), state_dir=tmp_path)
+
+
+def test_same_seed_same_state_other_seed_differs():
+    a, b, c = make_model(), make_model(), make_model()
+    run(a, ReconSettings(**FAST, seed=5))
+    run(b, ReconSettings(**FAST, seed=5))
+    run(c, ReconSettings(**FAST, seed=6))
+    assert_same_state(a, b)
+    alphas = [(n, t) for n, t in a.state_dict().items() if n.endswith("alpha")]
+    assert any(not torch.equal(t, c.state_dict()[n]) for n, t in alphas)
+
+
+def test_spilled_cache_gives_the_same_result(tmp_path):
+    in_memory, on_disk = make_model(), make_model()
+    run(in_memory, ReconSettings(**FAST))
+    result = run(on_disk, ReconSettings(**FAST), max_cache_gb=0, cache_dir=tmp_path)
+    assert result.spilled_bytes > 0 and result.peak_cache_bytes == 0
+    assert_same_state(in_memory, on_disk)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cag_regroups_without_restarting_the_lr_schedule():
+    model = make_model(cag=True)
+    iters = 20
+    settings = ReconSettings(**{**FAST, "iters": iters})
+    result = run(model, settings)
+    cosine = [settings.scale_lr * (1 + math.cos(math.pi * t / iters)) / 2 for t in range(iters)]
+    for report in result.reports:
+        assert report.scale_lrs == pytest.approx(cosine, rel=1e-6)
+        assert all(b <= a for a, b in zip(report.scale_lrs, report.scale_lrs[1:]))
+        # two CAG quantizers per block (qkv and fc1 inputs), 16 channels each: 8G = 16 -> 8 -> 4 -> 2
+        assert sorted(report.regroups) == sorted([(4, 16), (8, 8), (12, 4), (16, 2)] * 2)
+    cags = [q for _, q in iter_quantizers(model) if isinstance(q, CAGQuantizer)]
+    assert len(cags) == 6 and all(int(q.groups) == 2 for q in cags)
+    assert_fully_quantized(model)
+
+
+def test_early_stop_still_reaches_the_final_groups():
+    model = make_model(cag=True)
+    settings = ReconSettings(**{**FAST, "iters": 40, "warm_up": 0.1, "patience": 2, "min_delta": 1e9})
+    result = run(model, settings)
+    for report in result.reports:
+        assert report.stopped_early and report.steps == 4 + 1 + 2  # best at step 4, two idle checks
+        assert [g for _, g in report.regroups][-2:] == [2, 2]
+    assert all(int(q.groups) == 2 for _, q in iter_quantizers(model) if isinstance(q, CAGQuantizer))
+    assert_fully_quantized(model)
+
+
+def test_quantized_prefix_gives_the_first_unit_quantized_inputs():
+    model = make_model(quantize_stem=True)
+    assert model.stem.input_quantizer is not None
+    seen = []
+
+    def spy(ctx: LossContext) -> torch.Tensor:
+        if ctx.unit_index == 0:
+            seen.append(ctx.inputs[0][0].detach().clone())
+        return ctx.output.new_zeros(())
+
+    run(model, ReconSettings(**{**FAST, "iters": 4, "drop_prob": 1.0}), extra_loss=spy)
+    with torch.no_grad():
+        stems = [model.stem(x) for x in calibration_data()]
+        floats = [model.stem.float_forward(x) for x in calibration_data()]
+    for inp in seen:
+        assert any(torch.equal(inp, s) for s in stems)
+        assert not any(torch.equal(inp, f) for f in floats)
+
+
+def test_units_that_do_not_chain_need_a_feed():
+    model = make_model()
+    units = units_from_names(model, ["blocks.0", "blocks.2"])
+    with pytest.raises(ValueError, match="feed"):
+        reconstruct(model, units, calibration_data(), ReconSettings(iters=1), progress=False)
+
+
+def test_uncalibrated_model_is_refused():
+    model = make_model()
+    model.blocks[0].fc1.input_quantizer.calibrated.fill_(False)
+    with pytest.raises(RuntimeError, match="blocks.0.fc1.input_quantizer"):
+        run(model, ReconSettings(iters=1))
+
+
+def test_only_activation_quantizers_drop():
+    model = make_model()
+    roles = set()
+
+    def spy(ctx: LossContext) -> torch.Tensor:
+        roles.update(q.role for q in ctx.unit.quantizers if q.mode is Mode.DROP)
+        return ctx.output.new_zeros(())
+
+    run(model, ReconSettings(**{**FAST, "iters": 1}), extra_loss=spy)
+    assert roles == {Role.INPUT, Role.QUERY, Role.KEY}
