@@ -25,13 +25,12 @@ CAG_GROUPS = 4
 HLUQ_SLOTS = 2
 PAPER = {"fp32": 7.12, "int8": 33.82 / 16.34}
 KINDS = {"fp32": "pe8_fp32", "int8": "pe8_int8", "int4": "pe8_hybrid4"}
-CAVEATS = """Caveats: a simulated estimate. Linear layers only (no attention matmuls, softmax/LNQ, neck
-convs);
-equal clock; PE datapaths only (the shared requantizer, buffers and control are outside the budget);
-unlimited memory bandwidth; equal-size CAG groups; yosys generic / 7-series LUTs without DSPs, whereas the
-paper's FP32 and INT8 designs use DSPs (1886 / 453), so LUT-only area overstates FP32 and INT8 cost.
-Absolute s/frame is for 8-input PEs and not comparable with the paper's FPS (its lanes are far wider);
-only the ratios are."""
+CAVEATS = """Caveats: a simulated estimate. Linear layers only (no attention matmuls, softmax/LNQ,
+neck convs); equal clock; PE datapaths only (the shared requantizer, buffers and control are outside the
+budget); unlimited memory bandwidth; equal-size CAG groups; yosys generic / 7-series LUTs without DSPs,
+whereas the paper's FP32 and INT8 designs use DSPs (1886 / 453), so LUT-only area overstates FP32 and INT8
+cost. Absolute s/frame is for 8-input PEs and not comparable with the paper's FPS (its lanes are far
+wider); only the ratios are."""
 PAPER_PES = {"fp32": 16 // PE_INPUTS, "int8": 64 // PE_INPUTS, "int4": 128 // PE_INPUTS}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import math
@@ -73,21 +74,24 @@ def load_split(root: Path, split: str) -> Split:
 def make_batch(
     split: Split, indices: list[int], rng: np.random.Generator, max_boxes: int, augment: bool
 ) -> list[dict[str, torch.Tensor]]:
-    """Per image: float image (3xHxW, 0-255), jittered xyxy boxes and matching GT masks, randomly flipped."""
+    """Per image: float image (3xHxW, 0-255), xyxy boxes and GT masks; augmented: a random dihedral
+    transform (transpose and flips, the shapes have no canonical orientation) and box jitter."""
     batch = []
     for i in indices:
         img, boxes, masks = split.images[i], split.boxes[i].copy(), split.masks[i]
         pick = rng.permutation(len(boxes))[:max_boxes]
         boxes, masks = boxes[pick], masks[pick]
-        h, w = img.shape[:2]
         if augment:
+            if rng.random() < 0.5:
+                img, masks, boxes = img.transpose(1, 0, 2), masks.transpose(0, 2, 1), boxes[:, [1, 0, 3, 2]]
+            h, w = img.shape[:2]
             if rng.random() < 0.5:
                 img, masks = img[:, ::-1], masks[:, :, ::-1]
                 boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
             if rng.random() < 0.5:
                 img, masks = img[::-1], masks[:, ::-1]
                 boxes[:, [1, 3]] = h - boxes[:, [3, 1]]
-            side = np.repeat(boxes[:, 2:] - boxes[:, :2], 2, axis=0).reshape(-1, 4)
+            side = np.tile(boxes[:, 2:] - boxes[:, :2], 2)  # (w, h, w, h) per box
             noise = np.clip(rng.normal(0.0, 0.05, boxes.shape) * side, -4.0, 4.0)
             boxes = np.clip(boxes + noise, 0, [w, h, w, h]).astype(np.float32)
         batch.append({
@@ -115,13 +119,30 @@ def predict(
     return out
 
 
+def box_region(masks: torch.Tensor) -> torch.Tensor:
+    """Boolean N x H x W region of each mask's tight bounding box."""
+    rows, cols = masks.any(2), masks.any(1)
+    rows = (rows.cumsum(1) > 0) & (rows.flip(1).cumsum(1).flip(1) > 0)
+    cols = (cols.cumsum(1) > 0) & (cols.flip(1).cumsum(1).flip(1) > 0)
+    return rows[:, :, None] & cols[:, None, :]
+
+
 def compute_loss(sam: Sam, batch: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
-    """BCE + dice on mask logits, plus MSE between predicted IoU and the IoU actually achieved."""
+    """Box-balanced BCE + dice on mask logits, plus MSE between predicted IoU and the IoU achieved.
+
+    The BCE averages inside and outside the object's box separately: with a plain pixel mean the
+    many easy background pixels make "predict empty everywhere" a long plateau when training from
+    scratch; balanced, the decoder has to use the box from the first steps.
+    """
     preds = predict(sam, [b["image"] for b in batch], [b["boxes"] for b in batch])
     logits = torch.cat([p[0].flatten(1) for p in preds])
     iou_pred = torch.cat([p[1] for p in preds])
-    gt = torch.cat([b["masks"].flatten(1) for b in batch]).float()
-    bce = F.binary_cross_entropy_with_logits(logits, gt)
+    gt_masks = torch.cat([b["masks"] for b in batch])
+    inside = box_region(gt_masks).flatten(1).float()
+    gt = gt_masks.flatten(1).float()
+    ce = F.binary_cross_entropy_with_logits(logits, gt, reduction="none")
+    bce = 0.5 * ((ce * inside).sum(1) / inside.sum(1).clamp(min=1)
+                 + (ce * (1 - inside)).sum(1) / (1 - inside).sum(1).clamp(min=1)).mean()
     prob = logits.sigmoid()
     dice = (1 - (2 * (prob * gt).sum(1) + 1) / (prob.sum(1) + gt.sum(1) + 1)).mean()
     hard = (logits.detach() > 0).float()
@@ -206,11 +227,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=0, help="if > 0: schedule over and stop at this many steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--batch-size", type=int, default=4, help="images per step")
     p.add_argument("--boxes-per-image", type=int, default=8)
-    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--eval-every", type=float, default=10.0, help="minutes between val evaluations")
     p.add_argument("--resume", type=Path, help="a .pth written by this script; its .state.pt is used")
     p.add_argument("--build-args", type=json.loads, default={}, help="json dict for build_tiny_sam()")
@@ -219,6 +240,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--minutes, --threads, --batch-size and --boxes-per-image must be positive")
     if not isinstance(args.build_args, dict):
         p.error("--build-args must be a json object")
+    params = inspect.signature(build_tiny_sam).parameters
+    defaults = {k: v.default for k, v in params.items() if k != "checkpoint"}
+    unknown = sorted(set(args.build_args) - set(defaults))
+    if unknown:
+        p.error(f"--build-args: unknown keys {unknown}; known: {sorted(defaults)}")
+    args.build_args = json.loads(json.dumps({**defaults, **args.build_args}))  # tuples -> lists, as in json
     return args
 
 

@@ -21,10 +21,10 @@ class SceneSpec:
 
     size: int = 128
     max_objects: int = 8
-    min_extent: float = 6.0
+    min_extent: float = 8.0
     max_extent_frac: float = 0.85
-    min_visible_frac: float = 0.35
-    min_area: int = 10
+    min_visible_frac: float = 0.4
+    min_area: int = 16
     clutter: int = 12
     noise_std: float = 4.0
 

@@ -4,10 +4,13 @@ sam2 runs every attention through the fused ``F.scaled_dot_product_attention``, 
 softmax and ``probs·v``. The twins re-express it explicitly (``softmax(q·kᵀ·scale)·v``, the same default
 scale ``1/sqrt(head_dim)``) with the slots of the SAM twins (``q``, ``k``, ``v``, ``prob``), so one solver,
 BIG transform and exporter serve SAM and SAM2 alike. A twin reuses the original Linear children, q-pool and
-RoPE tables (no copies); with empty slots it differs from upstream only by the rounding of the explicit
-attention against the fused kernel. Each twin is also an instance of its upstream class (whose constructor
-it does not run), because sam2 dispatches on ``isinstance``: ``MemoryAttention`` passes
-``num_k_exclude_rope`` only to a ``RoPEAttention``.
+RoPE tables (no copies). While the ``prob`` slot is the identity (an ``EmptySlot`` or a quantizer in
+``Mode.OFF``) the probabilities need not exist, so the twin keeps upstream's fused call: with empty slots it
+is bit-identical to upstream, and float passes of a quantized model keep the fused kernel's speed. The
+explicit path differs from the fused kernel only by float rounding (measured in the parity tests).
+
+Each twin is also an instance of its upstream class (whose constructor it does not run), because sam2
+dispatches on ``isinstance``: ``MemoryAttention`` passes ``num_k_exclude_rope`` only to a ``RoPEAttention``.
 
 Slot placement:
 
@@ -30,6 +33,7 @@ from sam2.modeling.sam.transformer import Attention, RoPEAttention
 from torch import nn
 
 from ahcq.models.sam_attention import ATTENTION_SLOTS, EmptySlot
+from ahcq.quantization.quantizers import Mode, Quantizer
 
 __all__ = [
     "SAM2_TWINS",
@@ -42,7 +46,7 @@ __all__ = [
 
 
 class _Sam2SlottedAttention(nn.Module):
-    """Slot handling plus the explicit attention that replaces the fused kernel."""
+    """Slot handling plus the attention: fused unless the probabilities are quantized or observed."""
 
     def __init__(self, dropout_p: float = 0.0) -> None:
         nn.Module.__init__(self)
@@ -64,11 +68,19 @@ class _Sam2SlottedAttention(nn.Module):
         if slot not in ATTENTION_SLOTS:
             raise KeyError(f"{type(self).__name__} has no slot {slot!r}; slots are {ATTENTION_SLOTS}")
 
+    def _prob_is_identity(self) -> bool:
+        """Whether nothing needs the probabilities (an empty slot or a switched-off quantizer)."""
+        prob = self.prob_quantizer
+        return type(prob) is EmptySlot or (isinstance(prob, Quantizer) and prob.mode is Mode.OFF)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``softmax(q·kᵀ/sqrt(d))·v`` on ``[..., tokens, head_dim]`` operands, with the prob slot.
 
-        Dropout acts on the probabilities in training mode, as the fused kernel's ``dropout_p`` does.
+        Upstream's fused call when the prob slot is the identity (bit-exact, fast). Dropout acts on the
+        probabilities in training mode, as the fused kernel's ``dropout_p`` does.
         """
+        if self._prob_is_identity():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0)
         attn = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
         attn = self.prob_quantizer(attn.softmax(dim=-1), value=v)
         if self.training and self.dropout_p > 0.0:

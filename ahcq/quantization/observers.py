@@ -170,7 +170,7 @@ class MSEObserver(Observer):
     2. Asymmetric grids only, ``rounds`` times: keep the best step and slide the window over every zero
        point within ``zp_radius`` of the best one; then keep that zero point and sweep the step as in 1.
     Each move keeps the best candidate so far, so the error only decreases. About
-    ``(1 + rounds)*(steps/stride + 2*stride) + rounds*(2*zp_radius + 1)`` candidates (118 by default)
+    ``(1 + rounds)*(steps/stride + 2*(stride-1)) + rounds*(2*zp_radius + 1)`` candidates (118 by default)
     instead of ``steps * 2**bits``, each evaluated with the shared fake-quant primitive on at most
     ``max_numel`` elements per batch (a seeded column subsample).
     """

@@ -1,16 +1,18 @@
 """Stateless quantization math: the only place where a quantization formula lives.
 
-Every family has an encoder (``quantize_*`` -> int32 codes), a decoder (``dequantize_*``) and a
-fake-quant (``fake_quant_*``). The fake-quant is the decoder applied to the encoder's code computed with
-straight-through rounding, through the same float operations, so ``dequantize(quantize(x)) ==
-fake_quant(x)`` bit for bit while gradients still reach ``x`` and the learnable parameters.
+Every family has an encoder (``quantize_*`` -> int32 codes), a decoder (``dequantize_*``) and a fake-quant
+(``fake_quant_*``) with ``fake_quant(x) == dequantize(quantize(x))`` bit for bit: the fake-quant runs the
+same encoder and decodes through the same code (uniform: the same integer-valued float ops; log families:
+the same decode table), and its autograd Function supplies the straight-through gradients for ``x`` and the
+learnable parameters, saving one or two tensors instead of a graph of intermediates.
 
 The uniform fake-quant is bit-exact with ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``
-(it multiplies by the float32 reciprocal of the scale and rounds half to even, as they do) and computes its
-own backward in one autograd node: the straight-through gradient for ``x`` and the LSQ gradient for
-``scale``.
+(it multiplies by the float32 reciprocal of the scale and rounds half to even, as they do); its gradient for
+``scale`` is LSQ's (wrap the scale in ``grad_scale`` for LSQ's factor).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -115,16 +117,6 @@ def round_ste(x: Tensor) -> Tensor:
     return _RoundSTE.apply(x)
 
 
-def _clip(t: Tensor, lo: float | Tensor | None = None, hi: float | Tensor | None = None) -> Tensor:
-    """Clamp whose gradient also passes at the bounds, as in torch's fake-quant kernels (torch.clamp's
-    gradient stops there), so a value that rounds onto the end level still counts as in range."""
-    if lo is not None:
-        t = torch.where(t < lo, lo, t)
-    if hi is not None:
-        t = torch.where(t > hi, hi, t)
-    return t
-
-
 def grad_scale(t: Tensor, factor: float) -> Tensor:
     """Return ``t`` unchanged (bit for bit) with its gradient multiplied by ``factor`` (LSQ)."""
     return _GradScale.apply(t, float(factor))
@@ -164,9 +156,10 @@ def _relative_codes(
 def _fake_quant_forward(
     x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None, need_mask: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Fake-quant values and the in-range mask (only when ``need_mask``). On CUDA torch's fused kernel;
-    elsewhere the same formula in five vectorised ops, faster than torch's scalar CPU kernels."""
-    if x.device.type == "cuda":
+    """Fake-quant values and the in-range mask (only when ``need_mask``). Torch's fused kernel on CUDA and
+    for per-tensor grids; per-channel on CPU the same formula in a few vectorised in-place ops, which beats
+    torch's per-channel CPU kernel."""
+    if x.device.type == "cuda" or axis is None:
         zp = zero_point.to(torch.int32)
         if axis is None:
             enabled = torch.ones(1, dtype=torch.long, device=x.device)
@@ -176,7 +169,9 @@ def _fake_quant_forward(
         return torch.ops.aten.fake_quantize_per_channel_affine_cachemask(x, scale, zp, axis, qmin, qmax)
     scale_b, zp_b = _broadcast_qparams(x, scale, zero_point, axis)
     codes, mask = _relative_codes(x, scale_b, zp_b, qmin, qmax, need_mask)
-    return codes.mul_(scale_b), mask
+    # + 0.0 turns the -0.0 that rounding leaves for x in (-s/2, 0) into +0.0, as torch's integer arithmetic
+    # (and dequantize_uniform) produce; an in-place add is cheaper than a fused addcmul here
+    return codes.add_(0.0).mul_(scale_b), mask
 
 
 class _FakeQuantUniform(torch.autograd.Function):
@@ -280,22 +275,67 @@ def expand_groups(p: Tensor, group_index: Tensor) -> Tensor:
     return p[group_index.long()]
 
 
+def _levels(decode: Callable[..., Tensor], bits: int, device: torch.device, *params) -> Tensor:
+    """The value of every code ``0..L-1`` (a decode table, at most 256 entries)."""
+    return decode(torch.arange(2**bits, dtype=torch.float32, device=device), *params)
+
+
+def _lookup(levels: Tensor, codes: Tensor) -> Tensor:
+    """Decode by table lookup: the fake-quants and the dequantizers share it, so they agree bit for bit."""
+    return torch.index_select(levels, 0, codes.to(torch.int32).reshape(-1)).reshape(codes.shape)
+
+
+def _sum_like(t: Tensor, param: Tensor) -> Tensor:
+    """Reduce a per-element gradient to the shape of the (broadcast) parameter it belongs to."""
+    return t.sum_to_size(param.shape) if param.dim() else t.sum()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # adaptive-granularity log (AGQ) and power-of-two (log2 = AGQ with tau = 1)
+#
+# The log families' fake-quants are autograd Functions: the forward is the encoder followed by the decoder
+# (so it equals dequantize(quantize(x)) bit for bit) and the backward is the straight-through derivative of
+# the decoder written out, which saves one or two tensors instead of the graph of every intermediate.
 
 
-def _encode_agq(x: Tensor, scale: Tensor, tau: float, bits: int, ste: bool) -> Tensor:
+def _encode_agq(x: Tensor, scale: Tensor, tau: float, bits: int) -> tuple[Tensor, Tensor]:
+    """Float codes and the rounded exponent ``k`` before clipping."""
     top = 2**bits - 1
-    k = -tau * (torch.log2(torch.clamp(x, min=_LOG_FLOOR)) - torch.log2(scale))
-    k = round_ste(k) if ste else torch.round(k)
-    underflow = (k >= top) | (x <= 0)
-    return torch.where(underflow, torch.zeros_like(k), top - _clip(k, lo=0.0))
+    k = torch.clamp(x, min=_LOG_FLOOR).log2_().sub_(torch.log2(scale)).mul_(-tau).round_()
+    underflow = k >= top
+    underflow |= x <= 0
+    return torch.clamp(k, min=0.0).neg_().add_(top).masked_fill_(underflow, 0.0), k
 
 
 def _decode_agq(code: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
     top = 2**bits - 1
     level = scale * torch.exp2((code - top) / tau)
     return torch.where(code == 0, torch.zeros_like(level), level)
+
+
+class _FakeQuantAGQ(torch.autograd.Function):
+    """With ``k`` straight-through, ``y = s*2^(-k/tau)`` has ``dy/dx = y/x`` and ``dy/ds = 0`` on the grid;
+    values clipped to ``s`` (``k < 0``) have ``dy/ds = 1``; underflows to 0 have no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
+        code, k = _encode_agq(x, scale, tau, bits)
+        out = _lookup(_levels(_decode_agq, bits, x.device, scale, tau, bits), code)
+        slope = None
+        if ctx.needs_input_grad[0]:
+            off_grid = code == 0
+            off_grid |= k < 0
+            slope = torch.div(out, x).masked_fill_(off_grid, 0.0)
+        clipped = (k < 0) & (x > 0) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(slope, clipped, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        slope, clipped, scale = ctx.saved_tensors
+        grad_x = grad * slope if ctx.needs_input_grad[0] else None
+        grad_s = _sum_like(grad * clipped, scale) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_s, None, None
 
 
 def _agq_scale(scale: Tensor | float, tau: float, bits: int, device: torch.device) -> Tensor:
@@ -312,21 +352,23 @@ def quantize_agq(x: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
     """Log codes with base ``2^(1/tau)``: 0 <-> 0, ``c >= 1`` <-> ``scale*2^((c-(L-1))/tau)``.
 
     ``k = round(-tau*log2(x/scale))``; ``k < 0`` clips to ``scale``; ``k >= L-1`` (and ``x <= 0``) -> code 0.
+    Levels below float32's smallest normal number (``2^-126``; only reachable with very fine bases, e.g.
+    log2 at 7-8 bits) cannot be represented and do not round-trip.
     """
     scale = _agq_scale(scale, tau, bits, x.device)
-    return _encode_agq(x.float(), scale, tau, bits, ste=False).to(torch.int32)
+    return _encode_agq(x.float(), scale, tau, bits)[0].to(torch.int32)
 
 
 def dequantize_agq(codes: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
     """Decode AGQ codes."""
     scale = _agq_scale(scale, tau, bits, codes.device)
-    return _decode_agq(codes.float(), scale, tau, bits)
+    return _lookup(_levels(_decode_agq, bits, codes.device, scale, tau, bits), codes)
 
 
 def fake_quant_agq(x: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
     """AGQ fake-quant; STE gradients reach ``x`` and ``scale`` (only through clipped values)."""
     scale = _agq_scale(scale, tau, bits, x.device)
-    return _decode_agq(_encode_agq(x.float(), scale, tau, bits, ste=True), scale, tau, bits)
+    return _FakeQuantAGQ.apply(x.float(), scale, float(tau), bits)
 
 
 def quantize_log2(x: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -348,16 +390,43 @@ def fake_quant_log2(x: Tensor, scale: Tensor, bits: int) -> Tensor:
 # log-transform nonlinear quantization (LNQ)
 
 
-def _encode_lnq(x: Tensor, clip: Tensor, alpha: Tensor, bits: int, ste: bool) -> Tensor:
+def _encode_lnq(x: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Float codes and the transformed value ``t`` in ``[0, 1]`` before rounding."""
     top = 2**bits - 1
-    t = torch.log1p(alpha * _clip(x, 0.0, clip)) / torch.log1p(alpha * clip) * top
-    # + 0.0 turns the code of x = -0.0 into +0.0, the float value of its int32 code
-    return (round_ste(t) if ste else torch.round(t)) + 0.0
+    t = torch.minimum(x, clip).clamp_(min=0.0).mul_(alpha).log1p_().div_(torch.log1p(alpha * clip))
+    return torch.mul(t, top).round_(), t
 
 
 def _decode_lnq(code: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
     top = 2**bits - 1
     return torch.expm1(code / top * torch.log1p(alpha * clip)) / alpha
+
+
+class _FakeQuantLNQ(torch.autograd.Function):
+    """With ``c = round(t*(L-1))`` straight-through, ``t = ln(1+a*x)/D``, ``D = ln(1+a*clip)`` and
+    ``y = (exp(c*D/(L-1)) - 1)/a``: ``dy/dx = (1+a*y)/(1+a*x)`` for ``0 <= x <= clip``, and
+    ``dy/dclip = (1+a*y)/(1+a*clip) * (c/(L-1) - t + [x > clip])``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
+        code, t = _encode_lnq(x, clip, alpha, bits)
+        out = _lookup(_levels(_decode_lnq, bits, x.device, clip, alpha, bits), code)
+        growth = alpha * out + 1.0
+        slope = dclip = None
+        if ctx.needs_input_grad[0]:
+            inside = (x >= 0) & (x <= clip)
+            slope = torch.where(inside, growth / (alpha * x + 1.0), torch.zeros_like(out))
+        if ctx.needs_input_grad[1]:
+            dclip = growth / (alpha * clip + 1.0) * (code / (2**bits - 1) - t + (x > clip).float())
+        ctx.save_for_backward(slope, dclip, clip)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        slope, dclip, clip = ctx.saved_tensors
+        grad_x = grad * slope if ctx.needs_input_grad[0] else None
+        grad_clip = _sum_like(grad * dclip, clip) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_clip, None, None
 
 
 def _lnq_params(clip: Tensor | float, alpha: Tensor | float, bits: int, device: torch.device):
@@ -373,19 +442,21 @@ def _lnq_params(clip: Tensor | float, alpha: Tensor | float, bits: int, device: 
 def quantize_lnq(x: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
     """LNQ codes ``round(ln(1+a*x)/ln(1+a*clip)*(L-1))``, ``x`` clipped to ``[0, clip]``: exactly L codes."""
     clip, alpha = _lnq_params(clip, alpha, bits, x.device)
-    return _encode_lnq(x.float(), clip, alpha, bits, ste=False).to(torch.int32)
+    return _encode_lnq(x.float(), clip, alpha, bits)[0].to(torch.int32)
 
 
 def dequantize_lnq(codes: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
     """Decode LNQ codes: ``(exp(c/(L-1)*ln(1+a*clip)) - 1)/a``."""
     clip, alpha = _lnq_params(clip, alpha, bits, codes.device)
-    return _decode_lnq(codes.float(), clip, alpha, bits)
+    return _lookup(_levels(_decode_lnq, bits, codes.device, clip, alpha, bits), codes)
 
 
 def fake_quant_lnq(x: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
-    """LNQ fake-quant; STE gradients reach ``x`` (inside ``[0, clip]``) and ``clip`` (via clipped values)."""
+    """LNQ fake-quant; STE gradients reach ``x`` (inside ``[0, clip]``) and ``clip``; ``alpha`` is fixed."""
     clip, alpha = _lnq_params(clip, alpha, bits, x.device)
-    return _decode_lnq(_encode_lnq(x.float(), clip, alpha, bits, ste=True), clip, alpha, bits)
+    if alpha.requires_grad:
+        raise ValueError("fake_quant_lnq: alpha is not learnable; pass it detached")
+    return _FakeQuantLNQ.apply(x.float(), clip, alpha, bits)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,23 +464,65 @@ def fake_quant_lnq(x: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
 
 
 def _encode_hluq(
-    x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int, ste: bool
-) -> Tensor:
-    levels = 2**bits
-    rnd = round_ste if ste else torch.round
+    x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Float codes, the uniform-region mask, the uniform step position ``v = (u - s1)/s2``, its rounded value
+    and the rounded log exponent ``k``, both before clipping."""
     u = x - x_min
-    j = _clip(rnd((u - s1) / s2), 1.0, float(levels - n_log))
-    k = _clip(rnd(torch.log2(s1) - torch.log2(torch.clamp(u, min=_LOG_FLOOR))), lo=0.0)
-    log_code = torch.where((k >= n_log - 1) | (u <= 0), torch.zeros_like(k), (n_log - 1) - k)
-    uniform = (u > s1 + s2 / 2).detach()
-    return torch.where(uniform, (n_log - 1) + j, log_code)
+    v = torch.sub(u, s1).div_(s2)
+    rounded = torch.round(v)
+    uniform_code = torch.clamp(rounded, 1, 2**bits - n_log).add_(n_log - 1)
+    k = torch.clamp(u, min=_LOG_FLOOR).log2_().neg_().add_(torch.log2(s1)).round_()
+    underflow = k >= n_log - 1
+    underflow |= u <= 0
+    log_code = torch.clamp(k, min=0.0).neg_().add_(n_log - 1).masked_fill_(underflow, 0.0)
+    uniform = u > s1 + s2 / 2
+    return torch.where(uniform, uniform_code, log_code), uniform, v, rounded, k
 
 
 def _decode_hluq(code: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int) -> Tensor:
-    log_level = s1 * torch.exp2(_clip(code, hi=float(n_log - 1)) - (n_log - 1))
+    log_level = s1 * torch.exp2(torch.clamp(code, max=n_log - 1) - (n_log - 1))
     log_level = torch.where(code == 0, torch.zeros_like(log_level), log_level)
     uniform_level = s1 + (code - (n_log - 1)) * s2
     return torch.where(code >= n_log, uniform_level, log_level) + x_min
+
+
+class _FakeQuantHLUQ(torch.autograd.Function):
+    """Straight-through derivatives of the decoder, ``u = x - x_min``:
+    uniform region on the grid (``1 <= round(v) <= L-n_log``): ``dy/dx = 1``, ``dy/ds2 = round(v) - v``;
+    uniform region clipped: ``dy/ds1 = 1``, ``dy/ds2 = j``; log region on the grid (``0 <= k < n_log-1``):
+    ``dy/dx = (y - x_min)/u`` (``s1`` cancels); log region clipped to ``s1`` (``k < 0``): ``dy/ds1 = 1``;
+    underflow to ``x_min``: none. Always ``dy/dx_min = 1 - dy/dx``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int) -> Tensor:
+        code, uniform, v, rounded, k = _encode_hluq(x, x_min, s1, s2, n_log, bits)
+        out = _lookup(_levels(_decode_hluq, bits, x.device, x_min, s1, s2, n_log), code)
+        uniform_in = uniform & (rounded >= 1) & (rounded <= 2**bits - n_log)
+        log_in = ~uniform & (code > 0) & (k >= 0)
+        slope = ds1 = ds2 = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            slope = torch.sub(out, x_min).div_(x - x_min).masked_fill_(~log_in, 0.0)
+            slope.masked_fill_(uniform_in, 1.0)
+        if ctx.needs_input_grad[2]:
+            ds1 = (uniform & ~uniform_in) | (~uniform & (k < 0) & (x > x_min))
+        if ctx.needs_input_grad[3]:
+            ds2 = torch.where(uniform_in, rounded.sub_(v), code - (n_log - 1)).masked_fill_(~uniform, 0.0)
+        ctx.save_for_backward(slope, ds1, ds2, x_min, s1, s2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        slope, ds1, ds2, x_min, s1, s2 = ctx.saved_tensors
+        grad_x = grad * slope if ctx.needs_input_grad[0] else None
+        grad_x_min = grad_s1 = grad_s2 = None
+        if ctx.needs_input_grad[1]:
+            grad_x_min = _sum_like(grad - (grad_x if grad_x is not None else grad * slope), x_min)
+        if ctx.needs_input_grad[2]:
+            grad_s1 = _sum_like(grad * ds1, s1)
+        if ctx.needs_input_grad[3]:
+            grad_s2 = _sum_like(grad * ds2, s2)
+        return grad_x, grad_x_min, grad_s1, grad_s2, None, None
 
 
 def _hluq_params(x_min, s1, s2, n_log: int, bits: int, device: torch.device):
@@ -419,6 +532,9 @@ def _hluq_params(x_min, s1, s2, n_log: int, bits: int, device: torch.device):
     x_min, s1, s2 = (torch.as_tensor(v, dtype=torch.float32, device=device) for v in (x_min, s1, s2))
     _check_positive("HLUQ s1", s1)
     _check_positive("HLUQ s2", s2)
+    if x_min.numel() != 1 or not bool(torch.isfinite(x_min).all()):
+        got = x_min.detach().flatten()[:4].tolist()
+        raise ValueError(f"HLUQ x_min must be a single finite value, got {got}")
     return x_min, s1, s2
 
 
@@ -427,19 +543,19 @@ def quantize_hluq(x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, 
     """HLUQ codes: ``[0, n_log)`` log region below the breakpoint ``s1`` (code 0 <-> 0), ``[n_log, L)``
     uniform steps of ``s2`` above it; values past the top clip to the top level."""
     x_min, s1, s2 = _hluq_params(x_min, s1, s2, n_log, bits, x.device)
-    return _encode_hluq(x.float(), x_min, s1, s2, n_log, bits, ste=False).to(torch.int32)
+    return _encode_hluq(x.float(), x_min, s1, s2, n_log, bits)[0].to(torch.int32)
 
 
 def dequantize_hluq(codes: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int) -> Tensor:
     """Decode HLUQ codes."""
     x_min, s1, s2 = _hluq_params(x_min, s1, s2, n_log, bits, codes.device)
-    return _decode_hluq(codes.float(), x_min, s1, s2, n_log)
+    return _lookup(_levels(_decode_hluq, bits, codes.device, x_min, s1, s2, n_log), codes)
 
 
 def fake_quant_hluq(x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int) -> Tensor:
-    """HLUQ fake-quant; STE gradients reach ``x``, ``s1`` and ``s2``."""
+    """HLUQ fake-quant; STE gradients reach ``x``, ``x_min``, ``s1`` and ``s2``."""
     x_min, s1, s2 = _hluq_params(x_min, s1, s2, n_log, bits, x.device)
-    return _decode_hluq(_encode_hluq(x.float(), x_min, s1, s2, n_log, bits, ste=True), x_min, s1, s2, n_log)
+    return _FakeQuantHLUQ.apply(x.float(), x_min, s1, s2, n_log, bits)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -452,6 +568,8 @@ def _check_bits(bits: int) -> None:
 
 
 def _check_positive(what: str, t: Tensor) -> None:
+    if t.numel() != 1:
+        raise ValueError(f"{what} must be a single value (per-tensor), got shape {tuple(t.shape)}")
     t = t.detach()
     if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
         raise ValueError(f"{what} must be finite and > 0, got {t.flatten()[:4].tolist()}")

@@ -15,6 +15,7 @@ rounding regulariser ``weight * sum(1 - |2h - 1|^b)`` from ``warm_up * iters`` o
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -103,7 +104,8 @@ ExtraLoss = Callable[[LossContext], torch.Tensor]
 
 @dataclass
 class UnitReport:
-    """Per-unit record: steps run, first and last smoothed loss, the scale LR at every step, regroups."""
+    """Per-unit record: steps run, first and last (smoothed) reconstruction loss, the scale LR at every step,
+    the regroups ``(step, groups)``."""
 
     name: str
     steps: int = 0
@@ -179,6 +181,38 @@ def _regroup(q: CAGQuantizer, groups: int, optimizer: torch.optim.Optimizer | No
         optimizer.state.pop(p, None)
 
 
+class _Plateau:
+    """Early stopping on the smoothed (EMA 0.9) reconstruction loss, counted only while ``watch`` is true
+    (after the warm-up, when the rounding regulariser is on): stop after ``patience`` updates without an
+    improvement of more than ``min_delta`` over the best value. ``patience=None`` never stops."""
+
+    def __init__(self, patience: int | None, min_delta: float) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.first = self.ema = math.nan
+        self.best, self.wait = math.inf, 0
+
+    def update(self, value: float, watch: bool) -> bool:
+        self.first = value if math.isnan(self.first) else self.first
+        self.ema = value if math.isnan(self.ema) else 0.9 * self.ema + 0.1 * value
+        if self.patience is None or not watch:
+            return False
+        if self.ema < self.best - self.min_delta:
+            self.best, self.wait = self.ema, 0
+        else:
+            self.wait += 1
+        return self.wait >= self.patience
+
+
+def _descend(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | None]) -> None:
+    active = [opt for opt in optimizers if opt is not None]
+    for opt in active:
+        opt.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+    for opt in active:
+        opt.step()
+
+
 def _finish(unit: ReconUnit) -> None:
     """Harden every AdaRound of the unit and require the evaluation state (no soft rounding, no dropping)."""
     for q in adaround_quantizers(unit):
@@ -205,6 +239,8 @@ def reconstruct_unit(
     """
     report = UnitReport(unit.name)
     start = time.perf_counter()
+    if unit.iters is not None:
+        settings = dataclasses.replace(settings, iters=unit.iters)
     not_ready = [q.name for q in unit.quantizers if q.mode is not Mode.QUANTIZE]
     if not_ready:
         raise RuntimeError(f"unit {unit.name!r}: quantizers not in QUANTIZE mode: {not_ready}")
@@ -226,7 +262,7 @@ def reconstruct_unit(
     for t in frozen:
         t.requires_grad_(False)
     unit.module.eval()
-    ema, best, wait = math.nan, math.inf, 0
+    plateau = _Plateau(settings.patience, settings.min_delta)
     try:
         with dropping(unit.module, p, masks) if p > 0 else nullcontext():
             for step in tqdm(range(settings.iters), desc=f"recon {unit.name}", disable=not progress,
@@ -239,36 +275,20 @@ def reconstruct_unit(
                 inputs = _mix(quant, floats, p, masks) if p > 0 else quant
                 output = unit.call(unit.module, inputs)
                 rec = unit_loss(unit, output, targets)
-                loss = rec
                 if extra_loss is not None:
-                    loss = loss + extra_loss(LossContext(unit, unit_index, entries, inputs, output, targets))
+                    rec = rec + extra_loss(LossContext(unit, unit_index, entries, inputs, output, targets))
+                loss = rec
                 if rounding and beta.active(step) and settings.weight > 0:
                     b = beta(step)
                     loss = loss + settings.weight * sum(q.regularizer(b) for q in adaround_quantizers(unit))
-                for opt in (opt_w, opt_s):
-                    if opt is not None:
-                        opt.zero_grad(set_to_none=True)
-                if loss.requires_grad:
-                    loss.backward()
-                for opt in (opt_w, opt_s):
-                    if opt is not None:
-                        opt.step()
+                _descend(loss, (opt_w, opt_s))
                 if sched is not None:
                     report.scale_lrs.append(sched.get_last_lr()[0])
                     sched.step()
-                value = float(loss.detach())
-                ema = value if math.isnan(ema) else 0.9 * ema + 0.1 * value
-                report.first_loss = value if step == 0 else report.first_loss
-                report.last_loss = ema
                 report.steps = step + 1
-                if settings.patience is not None and beta.active(step):
-                    if ema < best - settings.min_delta:
-                        best, wait = ema, 0
-                    else:
-                        wait += 1
-                    if wait >= settings.patience:
-                        report.stopped_early = True
-                        break
+                if plateau.update(float(rec.detach()), watch=beta.active(step)):
+                    report.stopped_early = True
+                    break
         for step, q, groups in regroups:
             _regroup(q, groups, None)
             report.regroups.append((step, groups))
@@ -277,5 +297,6 @@ def reconstruct_unit(
             t.requires_grad_(True)
         unit.module.train(was_training)
     _finish(unit)
+    report.first_loss, report.last_loss = plateau.first, plateau.ema
     report.seconds = time.perf_counter() - start
     return report

@@ -6,6 +6,7 @@ float capture pass, so any signature works (one tensor, a ``(q, k, v)`` tuple, k
 float inputs (side inputs such as positional encodings stay float); the default replaces the leading
 positional arguments by the previous output, which is right whenever one unit's output is the next unit's
 input. The capture pass checks that claim on the float data and asks for an explicit ``feed`` otherwise.
+Code between two units (a residual add, a norm, a quantizer that belongs to no unit) belongs in ``feed``.
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ class ReconUnit:
     several, their losses add up), ``None`` when it returns one tensor. ``feature_axis``: the axis summed in
     the loss (channels; ``1`` for NCHW convolution outputs). ``call`` runs the module on stored inputs;
     ``feed`` makes this unit's quantized inputs from the previous unit's quantized output (see module doc).
+    ``iters`` overrides the run's iteration count for this unit (SAQ-SAM trains its last unit longer).
     """
 
     name: str
@@ -85,11 +87,19 @@ class ReconUnit:
     feature_axis: int = -1
     call: Callable[[nn.Module, Inputs], Any] = default_call
     feed: Callable[[Any, Inputs], Inputs] = chain_feed
+    iters: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.module, nn.Module):
             kind = type(self.module).__name__
             raise TypeError(f"unit {self.name!r}: module must be an nn.Module, got {kind}")
+        if self.iters is not None and self.iters < 1:
+            raise ValueError(f"unit {self.name!r}: iters must be >= 1, got {self.iters}")
+
+    @property
+    def label(self) -> str:
+        """Name plus its own iteration count, if any: what a saved state must match."""
+        return self.name if self.iters is None else f"{self.name} (iters={self.iters})"
 
     @property
     def quantizers(self) -> list[Quantizer]:

@@ -4,7 +4,9 @@
 calibration samples and how to run the model on one. The model runs once in float to fill the activation
 cache (``recon_capture``); each unit is then trained on its cached inputs (``recon_loop``), hardened, and
 run once to make the next unit's quantized inputs. With ``state_dir`` the run saves after every unit and an
-interrupted run resumes from the last finished unit with the same final state (``recon_state``).
+interrupted run resumes from the last finished unit with the same final state (``recon_state``); the saved
+state holds the calibration too, so the resuming process only needs the quantized (uncalibrated) model.
+AdaRound weights that belong to no unit are rounded to nearest at the start (never left soft).
 
 Guarantees on return: every AdaRound in every unit is hard and every quantizer of the model is in
 ``Mode.QUANTIZE`` without dropping (``assert_fully_quantized``), so QDrop can never leak into evaluation.
@@ -121,14 +123,13 @@ def reconstruct(
         raise ValueError("reconstruct: no units")
     if max_cache_gb < 0:
         raise ValueError(f"reconstruct: max_cache_gb must be >= 0, got {max_cache_gb}")
-    names = [u.name for u in units]
-    set_mode(model, Mode.QUANTIZE)
-    _harden_outside(model, units)
+    names = [u.label for u in units]
     seed_everything(settings.seed)
     result = ReconResult()
     if state_dir is not None:
-        start = load_state(state_dir, model, names, settings)
-        result.resumed_at = start or 0
+        result.resumed_at = load_state(state_dir, model, names, settings) or 0
+    set_mode(model, Mode.QUANTIZE)
+    _harden_outside(model, units)
     if result.resumed_at >= len(units):
         assert_fully_quantized(model)
         return result

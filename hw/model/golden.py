@@ -4,10 +4,10 @@ Integer decomposition of one output (o) of y = x̂ ŵᵀ + b. Weights are per-ou
 ŵ_oc = sw_o·W_oc with W_oc = w_codes − w_zero_point (a signed 9-bit integer, formed offline).
 
 Uniform / CAG input (x̂_c = s_g(c)·(q_c − z_g(c)), groups made contiguous by a stable sort on x_group,
-each group padded to a whole beat of LANES channels with W = 0)::
+each group padded to a whole beat of LANES channels with W = 0; the lanes subtract the beat's group zero
+point from the code before multiplying, so the zero-point weight sums Σ_{c∈g} W_oc are never needed)::
 
-    Σ_c x̂_c W_oc = Σ_g s_g·A_og + K_o,   A_og = Σ_{c∈g} q_c W_oc   (one multiply accumulator per group)
-                                          K_o  = −Σ_g s_g z_g Σ_{c∈g} W_oc   (offline weight sums)
+    Σ_c x̂_c W_oc = Σ_g s_g·A_og,   A_og = Σ_{c∈g} (q_c − z_g) W_oc   (one multiply accumulator per group)
 
 HLUQ input (codes < n_log: log region, û = s1·2^(c−(n_log−1)), code 0 ↔ û = 0; codes ≥ n_log: uniform,
 û = s1 + j·s2 with j = c − n_log + 1; x̂ = û + x_min)::
@@ -28,10 +28,10 @@ every slot on one grid of σ_ref·2^−15::
     D = Σ_k rhu(ACC_k·m_k, e_k),          m_k·2^−e_k ≈ (σ_k/σ_ref)·2^15
     out = clamp(rhu(D·M_o + C_o, n_o), qmin, qmax)
           M_o·2^−n_o ≈ sw_o·σ_ref·2^−15/so_o   (31-bit mantissa)
-          C_o = rhu((sw_o·K_o + b_o)/so_o·2^n_o) + zo·2^n_o
+          C_o = rhu((sw_o·K_o + b_o)/so_o·2^n_o) + zo·2^n_o        (K_o = 0 for uniform/CAG)
 
-with rhu(v, e) = floor(v/2^e + 1/2) (round half up, never half to even). The zero point, bias and all
-weight-sum constants are folded into C_o. Without an output quantizer the output is fixed point:
+with rhu(v, e) = floor(v/2^e + 1/2) (round half up, never half to even). The output zero point, the bias
+and the HLUQ x_min weight sum are folded into C_o. Without an output quantizer the output is fixed point:
 so = 2^(⌊log2 max|y_ref|⌋ − 24), zo = 0, clamp to int32.
 
 Tolerance against the float reference y_ref (stated and tested): with an output quantizer the codes are
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -85,6 +86,7 @@ class Program:
     qmax: int
     out_scale: np.ndarray
     out_zero: int
+    slot_zero: list[int]
 
     @property
     def n_slots(self) -> int:
@@ -95,8 +97,17 @@ class Program:
         return self.x.shape[1] // self.lanes
 
 
-def compile_layer(layer: dict, lanes: int) -> Program:
+def load_layer(layer: dict | str | Path) -> dict:
+    """An export as a dict: the .npz file of contract §4, or the same dict already in memory."""
+    if isinstance(layer, dict):
+        return layer
+    with np.load(layer) as data:
+        return {key: data[key] for key in data.files}
+
+
+def compile_layer(layer: dict | str | Path, lanes: int) -> Program:
     """Reorder channels by group, pad to beats and compute every integer constant of the datapath."""
+    layer = load_layer(layer)
     kind = str(layer["x_kind"])
     codes = np.asarray(layer["x_codes"], dtype=np.int64)
     w_zero = np.asarray(layer["w_zero_point"], dtype=np.int64)[:, None]
@@ -120,8 +131,9 @@ def compile_layer(layer: dict, lanes: int) -> Program:
         qmin = int(layer["x_qmin"]) if "x_qmin" in layer else min(int(codes.min()), 0)
         offset = -qmin if qmin < 0 else 0
         codes, zero = codes + offset, zero + offset
-        wsum = np.stack([w_int[:, group == g].sum(axis=1) for g in range(len(scales))], axis=1)
-        k_dot = -(wsum * (np.asarray(scales) * zero)[None, :]).sum(axis=1)
+        if zero.min() < 0 or zero.max() >= 1 << X_BITS:
+            raise ValueError(f"activation zero points outside [0, {1 << X_BITS})")
+        k_dot = np.zeros(w_int.shape[0])
     else:
         raise ValueError(f"unknown x_kind {kind!r}")
     if codes.min() < 0 or codes.max() >= 1 << X_BITS:
@@ -146,8 +158,9 @@ def compile_layer(layer: dict, lanes: int) -> Program:
         out_mult.append(mult)
         out_shift.append(shift)
         out_bias.append(round_half_up_int((sw[o] * k_dot[o] + bias[o]) / so[o] * 2.0**shift) + (zo << shift))
+    slot_zero = [int(z) for z in zero] if mode == MODE_UNIFORM else [0] * len(scales)
     return Program(lanes, mode, n_log, perm, beat_group, x, w, slot_mant, slot_shift, out_mult, out_shift,
-                   out_bias, qmin, qmax, so, zo)
+                   out_bias, qmin, qmax, so, zo, slot_zero)
 
 
 def _checked_shift(what: str, shift: int, top: int) -> int:
@@ -184,10 +197,10 @@ def _output_grid(layer: dict) -> tuple[np.ndarray, int, int, int]:
     return so, 0, -(1 << (OUT_BITS - 1)), (1 << (OUT_BITS - 1)) - 1
 
 
-def lane_terms(prog: Program, x: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+def lane_terms(prog: Program, x: np.ndarray, w: np.ndarray, zero: int = 0) -> dict[str, np.ndarray]:
     """Multiply-path and shift-path sums [N, Cout] of some columns, as the lanes and adder trees form them."""
     if prog.mode == MODE_UNIFORM:
-        return {"mul": x @ w.T}
+        return {"mul": (x - zero) @ w.T}
     uniform = x >= prog.n_log
     j = np.where(uniform, x - prog.n_log + 1, 0)
     shift_k = np.where(uniform, 0, np.minimum(prog.n_log - 1 - x, LOG_FRAC + W_BITS))
@@ -210,7 +223,7 @@ def accumulate(prog: Program) -> np.ndarray:
         cols = np.repeat(prog.beat_group, prog.lanes)
         for g in range(prog.n_slots):
             sel = cols == g
-            acc[..., g] = lane_terms(prog, prog.x[:, sel], prog.w[:, sel])["mul"]
+            acc[..., g] = lane_terms(prog, prog.x[:, sel], prog.w[:, sel], prog.slot_zero[g])["mul"]
     check_signed_range("accumulator", acc, ACC_BITS)
     return acc
 
@@ -227,7 +240,7 @@ def requantize(prog: Program, acc: np.ndarray) -> np.ndarray:
     return np.clip(out, prog.qmin, prog.qmax).astype(np.int64)
 
 
-def run_layer(layer: dict, lanes: int) -> tuple[Program, np.ndarray]:
+def run_layer(layer: dict | str | Path, lanes: int) -> tuple[Program, np.ndarray]:
     """Compile and execute: the output codes (or fixed-point values) the RTL must reproduce."""
     prog = compile_layer(layer, lanes)
     return prog, requantize(prog, accumulate(prog))

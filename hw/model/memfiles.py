@@ -13,6 +13,7 @@ import numpy as np
 from hw.model.golden import V_BITS, W_BITS, X_BITS, Program
 
 CFG_MODE, CFG_N_LOG, CFG_N_SLOTS, CFG_N_TOK, CFG_N_OUT, CFG_N_BEATS, CFG_QMIN, CFG_QMAX = range(8)
+CFG_SLOT_ZERO = 8
 CFG_SLOT_MANT = 16
 CFG_SLOT_SHIFT = 24
 CFG_WORDS = 32
@@ -51,6 +52,7 @@ def config_words(prog: Program) -> list[int]:
     cfg[CFG_N_TOK], cfg[CFG_N_OUT], cfg[CFG_N_BEATS] = prog.x.shape[0], prog.w.shape[0], prog.n_beats
     cfg[CFG_QMIN], cfg[CFG_QMAX] = prog.qmin & 0xFFFFFFFF, prog.qmax & 0xFFFFFFFF
     for k in range(prog.n_slots):
+        cfg[CFG_SLOT_ZERO + k] = prog.slot_zero[k]
         cfg[CFG_SLOT_MANT + k] = prog.slot_mant[k]
         cfg[CFG_SLOT_SHIFT + k] = prog.slot_shift[k]
     return cfg

@@ -46,12 +46,13 @@ module ahcq_tile #(
   wire [3:0]    n_slots;
   wire [15:0]   n_tok, n_out, n_beats;
   wire signed [31:0] qmin, qmax;
+  wire [NS*XB-1:0] slot_zero;
   wire [NS*MB-1:0] slot_mant;
   wire [NS*EB-1:0] slot_shift;
   param_regs #(.NS(NS), .XB(XB), .MB(MB), .EB(EB)) u_regs (
       .clk(clk), .rst(rst), .we(cfg_we), .addr(cfg_addr), .data(cfg_data),
       .hluq(hluq), .n_log(n_log), .n_slots(n_slots), .n_tok(n_tok), .n_out(n_out), .n_beats(n_beats),
-      .qmin(qmin), .qmax(qmax), .slot_mant(slot_mant), .slot_shift(slot_shift));
+      .qmin(qmin), .qmax(qmax), .slot_zero(slot_zero), .slot_mant(slot_mant), .slot_shift(slot_shift));
 
   wire go = start && !busy;
   wire issue, stall, last_beat, last_item;
@@ -82,9 +83,11 @@ module ahcq_tile #(
     end
   end
 
+  // the beat's group selects its zero point (HLUQ has none: its offsets are in the shift path)
+  wire [XB-1:0] beat_zero = hluq ? {XB{1'b0}} : slot_zero[g_data*XB +: XB];
   wire signed [SW-1:0] mul_sum, log_sum;
   pe_array #(.LANES(LANES), .XB(XB), .WB(WB), .F(F), .SW(SW)) u_array (
-      .codes(x_data), .weights(w_data), .hluq(hluq), .n_log(n_log),
+      .codes(x_data), .weights(w_data), .hluq(hluq), .n_log(n_log), .zero(beat_zero),
       .mul_sum(mul_sum), .log_sum(log_sum));
 
   // slot routing: HLUQ uses slot 0 (multiply path) and 1 (shift path); uniform/CAG the beat's group

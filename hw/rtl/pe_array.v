@@ -13,6 +13,7 @@ module pe_array #(
     input  wire [LANES*WB-1:0]  weights,
     input  wire                 hluq,
     input  wire [XB:0]          n_log,
+    input  wire [XB-1:0]        zero,
     output reg  signed [SW-1:0] mul_sum,
     output reg  signed [SW-1:0] log_sum
 );
@@ -27,7 +28,7 @@ module pe_array #(
       wire          to_shift, is_zero;
       wire [XB:0]   mul_op, shift_k;
       lane_dispatch #(.XB(XB)) u_dispatch (
-          .code(codes[i*XB +: XB]), .hluq(hluq), .n_log(n_log),
+          .code(codes[i*XB +: XB]), .hluq(hluq), .n_log(n_log), .zero(zero),
           .to_shift(to_shift), .is_zero(is_zero), .mul_op(mul_op), .shift_k(shift_k));
       pe_lane #(.XB(XB), .WB(WB), .F(F)) u_lane (
           .to_shift(to_shift), .is_zero(is_zero), .mul_op(mul_op), .shift_k(shift_k),

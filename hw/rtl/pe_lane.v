@@ -11,7 +11,7 @@ module pe_lane #(
 ) (
     input  wire                    to_shift,
     input  wire                    is_zero,
-    input  wire [XB:0]             mul_op,
+    input  wire [XB:0]             mul_op,   // two's complement, XB+1 bits
     input  wire [XB:0]             shift_k,
     input  wire signed [WB-1:0]    w,
     output wire signed [XB+WB:0]   prod,     // mul_op * w
@@ -20,7 +20,7 @@ module pe_lane #(
 `ifndef SYNTHESIS
   initial if (WB < 2 || F < 0 || F > 32) $fatal(1, "pe_lane: WB=%0d F=%0d out of range", WB, F);
 `endif
-  wire signed [XB+WB:0] op_ext = $signed({{WB{1'b0}}, mul_op});
+  wire signed [XB+WB:0] op_ext = {{WB{mul_op[XB]}}, mul_op};
   wire signed [XB+WB:0] w_ext  = {{(XB + 1){w[WB-1]}}, w};
   assign prod = op_ext * w_ext;
   wire signed [WB+F-1:0] w_frac;

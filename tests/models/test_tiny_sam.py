@@ -63,3 +63,13 @@ def test_bad_arguments_are_rejected() -> None:
         build_tiny_sam(img_size=100, patch_size=8)
     with pytest.raises(ValueError, match="global_attn_indexes"):
         build_tiny_sam(depth=2, global_attn_indexes=(3,))
+
+
+def test_pos_embed_starts_as_a_seed_independent_position_code() -> None:
+    torch.manual_seed(5)
+    a = build_tiny_sam().image_encoder.pos_embed
+    torch.manual_seed(6)
+    b = build_tiny_sam().image_encoder.pos_embed
+    assert torch.equal(a, b)
+    flat = a[0].reshape(-1, a.shape[-1])
+    assert torch.cdist(flat, flat).add(torch.eye(len(flat)) * 1e3).min() > 0.1  # positions all distinct

@@ -77,11 +77,19 @@ def shapes_coco(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def labelme_coco() -> dict:
-    """Debian's labelme-examples: three real VOC photos with a COCO instances json (polygons)."""
+def labelme_coco(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Debian's labelme-examples: three real VOC photos with a COCO instances json (polygons).
+
+    The json is copied with annotation ids shifted by one: pycocotools stores matches as annotation
+    ids, so a ground truth with id 0 would always count as unmatched.
+    """
     ann_file = LABELME_COCO / "annotations.json"
     if not ann_file.is_file():
         pytest.skip(f"Debian package labelme-examples is not installed ({ann_file} absent)")
-    categories = json.loads(ann_file.read_text())["categories"]
-    classes = tuple(c["name"] for c in categories if c["name"] != "_background_")
-    return {"ann_file": str(ann_file), "img_prefix": str(LABELME_COCO) + os.sep, "classes": classes}
+    data = json.loads(ann_file.read_text())
+    for ann in data["annotations"]:
+        ann["id"] += 1
+    copy = tmp_path_factory.mktemp("labelme_coco") / "annotations.json"
+    copy.write_text(json.dumps(data))
+    classes = tuple(c["name"] for c in data["categories"] if c["name"] != "_background_")
+    return {"ann_file": str(copy), "img_prefix": str(LABELME_COCO) + os.sep, "classes": classes}

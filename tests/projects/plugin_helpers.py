@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import mmcv
+import mmdet
 import numpy as np
 import torch
 from mmcv.parallel import MMDataParallel
@@ -20,6 +22,7 @@ from ahcq.models.tiny_sam import build_tiny_sam
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "projects" / "configs"
+YOLOX_TINY = str(Path(mmdet.__file__).parent / ".mim" / "configs" / "yolox" / "yolox_tiny_8x8_300e_coco.py")
 
 
 def small_sam(seed: int = 0) -> Sam:
@@ -54,6 +57,26 @@ def run_mmdet_test(model: torch.nn.Module, dataset) -> list:
         return single_gpu_test(MMDataParallel(model.eval()), loader)
 
 
+def coco_stats(coco: dict, dets: list[dict], iou_type: str, image_ids: list[int]) -> np.ndarray:
+    """pycocotools COCOeval stats of COCO-format detections over ``image_ids`` and the classes of ``coco``."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(coco["ann_file"])
+        cat_of = {c["name"]: c["id"] for c in gt.dataset["categories"]}
+        evaluator = COCOeval(gt, gt.loadRes(dets), iou_type)
+        evaluator.params.catIds = [cat_of[name] for name in coco["classes"]]
+        evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator.stats
+
+
+def category_of(coco: dict) -> dict[str, int]:
+    """COCO category id by class name."""
+    with open(coco["ann_file"]) as f:
+        return {c["name"]: c["id"] for c in json.load(f)["categories"]}
+
+
 def direct_coco_ap(
     results: list, coco: dict, iou_type: str, image_ids: list[int] | None = None
 ) -> np.ndarray:
@@ -61,11 +84,10 @@ def direct_coco_ap(
 
     ``results[i]`` belongs to ``image_ids[i]`` (default: every image, in the json's order).
     """
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(coco["ann_file"])
-    cat_of = {c["name"]: c["id"] for c in gt.dataset["categories"]}
+    cat_of = category_of(coco)
     if image_ids is None:
-        image_ids = [image["id"] for image in gt.dataset["images"]]
+        with open(coco["ann_file"]) as f:
+            image_ids = [image["id"] for image in json.load(f)["images"]]
     dets = []
     for image_id, (bbox_results, segm_results) in zip(image_ids, results, strict=True):
         for label, name in enumerate(coco["classes"]):
@@ -76,11 +98,4 @@ def direct_coco_ap(
                 else:
                     det["segmentation"] = rle
                 dets.append(det)
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator = COCOeval(gt, gt.loadRes(dets), iou_type)
-        evaluator.params.catIds = [cat_of[name] for name in coco["classes"]]
-        evaluator.params.imgIds = list(image_ids)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return evaluator.stats
+    return coco_stats(coco, dets, iou_type, image_ids)

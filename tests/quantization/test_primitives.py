@@ -387,6 +387,12 @@ def test_hluq_rejects_bad_parameters() -> None:
         P.fake_quant_agq(x, torch.tensor(1.0), 0.0, 4)
     with pytest.raises(ValueError, match="alpha"):
         P.fake_quant_lnq(x, torch.tensor(1.0), torch.tensor(0.0), 4)
+    with pytest.raises(ValueError, match="alpha is not learnable"):
+        P.fake_quant_lnq(x, torch.tensor(1.0), torch.tensor(2.0, requires_grad=True), 4)
+    with pytest.raises(ValueError, match="single value"):
+        P.fake_quant_hluq(x, torch.tensor(0.0), torch.full((5,), 0.1), torch.tensor(0.1), 8, 4)
+    with pytest.raises(ValueError, match="x_min"):
+        P.fake_quant_hluq(x, torch.tensor(float("nan")), torch.tensor(0.1), torch.tensor(0.1), 8, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -480,12 +486,14 @@ def test_lnq_gradients() -> None:
 
 
 def test_hluq_gradients_reach_s1_and_s2() -> None:
-    x_min = torch.tensor(-0.2)
+    x_min = torch.tensor(-0.2, requires_grad=True)
     s1, s2 = torch.tensor(0.1, requires_grad=True), torch.tensor(0.05, requires_grad=True)
     n_log, bits = 8, 4
-    x = torch.cat([x_min + torch.rand(200) * 0.5, torch.tensor([5.0, 6.0])]).requires_grad_()
+    x = torch.cat([x_min.detach() + torch.rand(200) * 0.5, torch.tensor([5.0, 6.0])]).requires_grad_()
     y = P.fake_quant_hluq(x, x_min, s1, s2, n_log, bits)
     y.sum().backward()
+    assert x_min.grad.item() == pytest.approx(x.numel() - x.grad.sum().item(), rel=1e-5)  # y = u_hat + x_min
+    x_min = x_min.detach()
     u = (x - x_min).detach()
     uniform = u > s1.detach() + s2.detach() / 2
     top_j = 2**bits - n_log

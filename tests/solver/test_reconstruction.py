@@ -10,7 +10,7 @@ from test_reconstruction_helpers import calibration_data, make_model
 
 from ahcq.quantization.api import NotFullyQuantizedError, assert_fully_quantized, iter_quantizers
 from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode, Role
-from ahcq.solver.recon_loop import LossContext
+from ahcq.solver.recon_loop import LossContext, _regroup
 from ahcq.solver.reconstruction import ReconSettings, reconstruct, units_from_names
 
 UNITS = ["blocks.0", "blocks.1", "blocks.2"]
@@ -133,11 +133,14 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 
     with pytest.raises(Interrupt):
         run(make_model(), settings, state_dir=tmp_path / "b", on_unit_end=stop_after_unit_1)
-    resumed = make_model()
+    resumed = make_model(calibrate=False)  # a fresh process: the state brings the calibration back
     result = run(resumed, settings, state_dir=tmp_path / "b")
     assert result.resumed_at == 2 and [r.name for r in result.reports] == ["blocks.2"]
     assert_same_state(straight, resumed)
     assert_fully_quantized(resumed)
+    again = make_model(calibrate=False)
+    assert run(again, settings, state_dir=tmp_path / "b").reports == []
+    assert_same_state(straight, again)
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -235,3 +238,48 @@ def test_only_activation_quantizers_drop():
 
     run(model, ReconSettings(**{**FAST, "iters": 1}), extra_loss=spy)
     assert roles == {Role.INPUT, Role.QUERY, Role.KEY}
+
+
+def test_regroup_restarts_only_the_regrouped_adam_state():
+    model = make_model(cag=True)
+    cag = model.blocks[0].qkv.input_quantizer
+    other = model.blocks[0].proj.input_quantizer.scale
+    optimizer = torch.optim.Adam([cag.scale, other], lr=1e-3)
+    (cag.scale.sum() + other.sum()).backward()
+    optimizer.step()
+    before = optimizer.state[other]["exp_avg"].clone()
+    _regroup(cag, 8, optimizer)
+    assert cag.scale not in optimizer.state and torch.equal(optimizer.state[other]["exp_avg"], before)
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(cag.scale), id(other)]
+    assert int(cag.groups) == 8
+
+
+@pytest.mark.parametrize("quantize_stem, passes", [(False, 1), (True, 2)])
+def test_the_prefix_runs_once_per_sample_whatever_the_unit_count(quantize_stem, passes):
+    model = make_model(quantize_stem=quantize_stem)
+    calls = []
+    model.stem.register_forward_hook(lambda *args: calls.append(1))
+    run(model, ReconSettings(**{**FAST, "iters": 2}))
+    assert len(calls) == passes * len(calibration_data())
+
+
+def test_a_unit_may_train_longer_than_the_run():
+    model = make_model()
+    units = units_from_names(model, UNITS)
+    units[2].iters = 5
+    settings = ReconSettings(**{**FAST, "iters": 2})
+    result = reconstruct(model, units, calibration_data(), settings, progress=False)
+    assert [r.steps for r in result.reports] == [2, 2, 5]
+
+
+def test_batches_of_several_samples_are_stacked():
+    model = make_model()
+    sizes = []
+
+    def spy(ctx: LossContext) -> torch.Tensor:
+        sizes.append((len(ctx.entries), ctx.inputs[0][0].shape[0], ctx.targets[0].shape[0]))
+        return ctx.output.new_zeros(())
+
+    run(model, ReconSettings(**{**FAST, "iters": 2, "batch_size": 3}), extra_loss=spy)
+    assert sizes == [(3, 6, 6)] * 6  # 3 samples of 2 sequences, 2 steps x 3 units
+    assert_fully_quantized(model)

@@ -53,8 +53,9 @@ def calibration_data(n: int = 4, seed: int = 1) -> list[torch.Tensor]:
     return [torch.randn(2, TOKENS, DIM, generator=g) * 2 for _ in range(n)]
 
 
-def make_model(cag: bool = False, quantize_stem: bool = False, seed: int = 0) -> TinyNet:
-    """A calibrated W4A4 TinyNet (same weights and calibration for the same ``seed``)."""
+def make_model(cag: bool = False, quantize_stem: bool = False, seed: int = 0,
+               calibrate: bool = True) -> TinyNet:
+    """A (calibrated) W4A4 TinyNet (same weights and calibration for the same ``seed``)."""
     torch.manual_seed(seed)
     model = TinyNet()
     quantize(model, ACT, WEIGHT, overrides=CAG_OVERRIDES if cag else (),
@@ -63,6 +64,8 @@ def make_model(cag: bool = False, quantize_stem: bool = False, seed: int = 0) ->
         block.scores.a_quantizer = build_quantizer(ACT, Role.QUERY, f"blocks.{i}.scores.a_quantizer")
         block.scores.b_quantizer = build_quantizer(ACT, Role.KEY, f"blocks.{i}.scores.b_quantizer")
     model.eval()
+    if not calibrate:
+        return model
     with torch.no_grad(), calibrating(model):
         for x in calibration_data():
             model(x)

@@ -58,7 +58,7 @@ def test_scales_and_categories_vary(demo: Path) -> None:
 
 
 def test_occlusion_keeps_only_visible_parts() -> None:
-    spec = SceneSpec(size=96, max_objects=8)
+    spec = SceneSpec(size=96)
     occluded = 0
     for i in range(30):
         img, objects = draw_scene(spec, np.random.default_rng([7, i]))
@@ -66,7 +66,7 @@ def test_occlusion_keeps_only_visible_parts() -> None:
         stacked = np.stack([o.mask for o in objects])
         assert stacked.sum(0).max() <= 1
         assert all(o.mask.sum() >= spec.min_area for o in objects)
-        strict = draw_scene(SceneSpec(size=96, max_objects=8, min_visible_frac=1.0), np.random.default_rng([7, i]))
+        strict = draw_scene(SceneSpec(size=96, min_visible_frac=1.0), np.random.default_rng([7, i]))
         assert len(strict[1]) <= len(objects)
         occluded += len(strict[1]) < len(objects)
     assert occluded > 0, "some scenes should contain partly hidden objects"

@@ -7,17 +7,12 @@ import os
 import warnings
 
 import mmcv
-import mmdet
 import numpy as np
 import pytest
 from mmdet.apis import inference_detector
-from plugin_helpers import sam_dataset
+from plugin_helpers import YOLOX_TINY, sam_dataset
 
 from projects.instance_segment_anything import DetectionFilePrompt, GTBoxPrompt, MMDetPrompt
-
-YOLOX_TINY = os.path.join(
-    os.path.dirname(mmdet.__file__), ".mim", "configs", "yolox", "yolox_tiny_8x8_300e_coco.py"
-)
 
 
 def _meta(image_id: int) -> dict:
@@ -126,11 +121,11 @@ def test_mmdet_detector_prompts_are_mmdets_own_boxes_in_image_coordinates(labelm
         pytest.skip(f"mmdet package ships no configs ({YOLOX_TINY} absent)")
     source = MMDetPrompt(YOLOX_TINY, checkpoint=None, score_thr=0.0, max_boxes=None)
     path = os.path.join(labelme_coco["img_prefix"], "JPEGImages", "2011_000003.jpg")
-    image = mmcv.imread(path)
-    prompts = source(image, {})
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # first: mmdet's array path rewrites the detector's own cfg in place
         warnings.simplefilter("ignore")
         reference = inference_detector(source.detector, path)
+    image = mmcv.imread(path)
+    prompts = source(image, {})
     boxes = np.concatenate(reference)
     assert len(prompts.boxes) == len(boxes) > 0
     order = np.argsort(-boxes[:, 4], kind="stable")

@@ -28,4 +28,4 @@ def test_tiny_sam_oracle_demo_segments_and_scores_like_cocoeval(monkeypatch):
     coco = {"ann_file": cfg.data.test.ann_file, "classes": tuple(cfg.data.test.classes)}
     direct = direct_coco_ap(results, coco, "segm", image_ids=dataset.img_ids)
     assert metrics["segm_mAP"] == pytest.approx(direct[0], abs=5e-4)
-    assert metrics["segm_mAP_50"] > 0.3  # a trained SAM with perfect boxes; a random one scores ~0
+    assert metrics["segm_mAP_50"] > 0.25  # a trained SAM with perfect boxes; a random one scores below 0.1

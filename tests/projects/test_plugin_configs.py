@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import mmcv
 import pytest
 from mmdet.datasets import CocoDataset
 from mmdet.models import DETECTORS, build_detector
-from plugin_helpers import CONFIGS, small_sam
+from plugin_helpers import CONFIGS, REPO, small_sam
 
 import ahcq.data.shapes as shapes
 from projects.instance_segment_anything import (
@@ -77,7 +79,14 @@ def test_config_text_has_no_absolute_path(name):
     assert not re.search(r"""['"](/|[A-Za-z]:\\)""", text), f"{name} writes an absolute path"
 
 
-@pytest.mark.parametrize("name", [p for p in ALL if p not in DETECTOR_CONFIGS])
+def test_base_config_reads_coco_from_the_environment(env):
+    cfg = mmcv.Config.fromfile(str(CONFIGS / "_base_" / "coco_instance_sam.py"))
+    assert cfg.data.test.ann_file == str(env / "coco" / "annotations" / "instances_val2017.json")
+    assert cfg.data.train.img_prefix.startswith(str(env / "coco" / "train2017"))
+    assert cfg.custom_imports.imports == ["projects.instance_segment_anything"]
+
+
+@pytest.mark.parametrize("name", [*SAM_CONFIGS, "demo/tiny_sam_oracle.py"])
 def test_sam_config_loads_with_paths_from_the_environment(name, env):
     cfg = mmcv.Config.fromfile(str(CONFIGS / name))
     assert cfg.model.type == "DetWrapperInstanceSAM"
@@ -100,14 +109,24 @@ def test_sam_config_loads_with_paths_from_the_environment(name, env):
             assert path.startswith(str(env)), f"{name}: model.prompt.{key} {path} ignores the environment"
 
 
-@pytest.mark.parametrize("name", SAM_CONFIGS + ["demo/tiny_sam_oracle.py"])
+@pytest.mark.parametrize("name", [n for n in SAM_CONFIGS if not n.endswith("vit-b.py")])
+def test_large_sam_configs_differ_from_vit_b_in_sam_only(name, env):
+    cfg = mmcv.Config.fromfile(str(CONFIGS / name)).to_dict()
+    base = mmcv.Config.fromfile(str(CONFIGS / re.sub(r"vit-[lh]\.py$", "vit-b.py", name))).to_dict()
+    assert cfg["model"].pop("sam") != base["model"].pop("sam")
+    assert cfg == base
+
+
+@pytest.mark.parametrize(
+    "name",  # the l/h variants of detector-prompted configs build the same (costly) detector as vit-b
+    [n for n in SAM_CONFIGS if n.endswith("vit-b.py") or n.startswith(("hdetr/", "focalnet_dino/"))]
+    + ["demo/tiny_sam_oracle.py"],
+)
 def test_sam_config_builds_with_a_small_random_sam(name, env):
     cfg = mmcv.Config.fromfile(str(CONFIGS / name))
     model_cfg = cfg.model.copy()
     model_cfg.sam = small_sam()
     if model_cfg.prompt.type == "MMDetPrompt":
-        if not name.endswith("vit-b.py"):
-            pytest.skip("same detector as the vit-b config (built there)")
         if not Path(model_cfg.prompt.config).is_file():
             pytest.skip(f"mmdet package ships no configs ({model_cfg.prompt.config})")
         model_cfg.prompt.checkpoint = None
@@ -133,3 +152,30 @@ def test_missing_sam_weights_are_named(env):
     cfg = mmcv.Config.fromfile(str(CONFIGS / "hdetr" / "hdetr-sam-vit-l.py"))
     with pytest.raises(FileNotFoundError, match="sam_vit_l_0b3195.pth"):
         build_detector(cfg.model)
+
+
+@pytest.mark.slow  # a fresh interpreter must import torch and mmdet first (tens of seconds)
+def test_plugin_dir_import_registers_everything_in_a_fresh_interpreter():
+    """What mmdet-style loaders do with ``plugin_dir``, in a process where nothing was imported yet."""
+    script = (
+        "import importlib, mmcv\n"
+        f"cfg = mmcv.Config.fromfile({str(CONFIGS / '_base_' / 'coco_instance_sam.py')!r}, "
+        "import_custom_modules=False)\n"
+        "from mmdet.models import DETECTORS\n"
+        "assert DETECTORS.get('DetWrapperInstanceSAM') is None\n"
+        "plugin = importlib.import_module(cfg.plugin_dir.rstrip('/').replace('/', '.'))\n"
+        "assert DETECTORS.get('DetWrapperInstanceSAM') is plugin.DetWrapperInstanceSAM\n"
+        "print(sorted(plugin.PROMPT_SOURCES.module_dict), sorted(plugin.SAM_BUILDERS.module_dict))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "['DetectionFilePrompt',",
+        "'GTBoxPrompt',",
+        "'MMDetPrompt']",
+        "['OfficialSAM',",
+        "'RandomSAM',",
+        "'TinySAM']",
+    ]

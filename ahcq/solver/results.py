@@ -1,0 +1,57 @@
+"""``results.json`` (written atomically, strict JSON) and the printed float-vs-quantized table."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RESULTS_NAME", "format_table", "write_results"]
+
+RESULTS_NAME = "results.json"
+_ROWS = ("segm_mAP", "segm_mAP_50", "segm_mAP_75", "bbox_mAP")
+
+
+def _strict(value: Any) -> Any:
+    """NaN and infinities are not JSON: record them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def write_results(out_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
+    """Write ``out_dir/results.json`` via a temporary file and ``os.replace``; a reader never sees half."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_strict(results), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{RESULTS_NAME}.", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out_dir / RESULTS_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_dir / RESULTS_NAME
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Float vs quantized COCO AP (x100) side by side, with the difference."""
+    fp, quant = results.get("fp"), results.get("quant")
+    lines = [f"{'metric':<14}{'float':>8}{'quant':>8}{'delta':>8}"]
+    for key in _ROWS:
+        a = fp.get(key) if fp else None
+        b = quant.get(key) if quant else None
+        delta = b - a if a is not None and b is not None else None
+        lines.append(f"{key:<14}{_cell(a):>8}{_cell(b):>8}{_cell(delta):>8}")
+    return "\n".join(lines)

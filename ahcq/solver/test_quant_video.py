@@ -1,0 +1,392 @@
+"""Quantize SAM2 and evaluate it on video object segmentation (SA-V / DAVIS layouts, J&F).
+
+    python ahcq/solver/test_quant_video.py --config projects/configs/sam2/sam2.1_hiera_t_davis17_val.yaml \\
+        --q_config exp/sam2/w4a4.yaml --calib-videos 8 --calib-frames 4
+
+Without --config it runs the tiny demo (projects/configs/sam2/demo_tiny.yaml: a reduced, randomly initialised
+SAM 2.1 on generated moving-shape clips; the numbers only show that the pipeline works). ``--config`` is a
+video-run YAML of ours (schema in projects/configs/sam2/demo_tiny.yaml) or a sam2 config name / size (t, s,
+b+, l), which then needs --checkpoint and --data-root. Every object is prompted with its GT mask on its first
+annotated frame and tracked forward; masks are probabilities > 0.5. Calibration tracks N seeded videos for K
+frames each. Writes ``results.json`` (float and quantized J, F, J&F under the official and the AHCQ-SAM
+protocol, resolved configs, seed, timings) to ``--out`` and prints both side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from hydra.errors import HydraException
+
+from ahcq.models.sam2 import quantize_sam2
+from ahcq.models.sam2_checkpoint import build_sam2_model, load_sam2, reduced_overrides, resolve_config
+from ahcq.quantization.api import assert_fully_quantized, iter_quantizers, set_mode
+from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
+from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
+from ahcq.solver.calibration import condition_linears
+from ahcq.solver.reconstruction import ReconSettings
+from ahcq.solver.results import write_results
+from ahcq.solver.seeding import seed_everything
+from ahcq.video import VOSReport, evaluate, read_dataset
+from ahcq.video.calibration import apply_big_sam2, calibrate, reconstruct_video, select_clips, track_clip
+from ahcq.video.fixtures import make_moving_shapes_clip
+from ahcq.video.propagation import TrackedPredictions, TrackOptions
+
+logger = logging.getLogger("test_quant_video")
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = Path("projects/configs/sam2/demo_tiny.yaml")
+NO_FILL_HOLES = "++model.fill_hole_area=0"  # the hole filling needs sam2's CUDA extension: off everywhere
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+_SECTIONS = {
+    "model": {"config", "checkpoint", "overrides", "reduced"},
+    "dataset": {"root", "layout", "split", "generate"},
+    "calibration": {"root", "layout", "split", "videos", "frames"},
+    "tracking": {"threshold", "offload_video", "offload_state"},
+}
+_UNSUPPORTED = (("pcc.enabled", lambda q: q.pcc.enabled), ("par.enabled", lambda q: q.par.enabled))
+
+
+class UserError(Exception):
+    """Bad input from the user (missing file, bad config or option); reported without a traceback."""
+
+
+@dataclass
+class VideoRunOptions:
+    """Everything a run depends on (the CLI's arguments, resolved)."""
+
+    config: str
+    q_config: Path | None
+    out: Path
+    checkpoint: Path | None = None
+    data_root: Path | None = None
+    layout: str | None = None
+    split: str | None = None
+    seed: int | None = None
+    device: str = "cpu"
+    calib_videos: int | None = None
+    calib_frames: int | None = None
+    limit: int | None = None
+    fp_only: bool = False
+
+
+def _expand(value: Any) -> Any:
+    """``${VAR}`` / ``${VAR:-default}`` in strings, from the environment."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) in os.environ:
+                return os.environ[m.group(1)]
+            if m.group(2) is None:
+                raise UserError(f"environment variable {m.group(1)} is not set and has no default")
+            return m.group(2)
+        return _ENV.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    return value
+
+
+def _read_config(config: str) -> tuple[dict[str, Any], str]:
+    """The run config as a dict (a YAML of ours, or a sam2 config name with nothing else), and its name."""
+    path = Path(config)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping with sections {sorted(_SECTIONS)}")
+        for key, value in data.items():
+            if key not in _SECTIONS:
+                raise UserError(f"{path}: unknown section {key!r}; allowed: {sorted(_SECTIONS)}")
+            if not isinstance(value, dict):
+                raise UserError(f"{path}: section {key!r} must be a mapping")
+            unknown = sorted(set(value) - _SECTIONS[key])
+            if unknown:
+                raise UserError(f"{path}: unknown key {key}.{unknown[0]}; allowed: {sorted(_SECTIONS[key])}")
+        return _expand(data), str(path)
+    try:
+        resolve_config(config)
+    except ValueError as err:
+        raise UserError(f"--config {config!r}: no such YAML file and not a sam2 config ({err})") from None
+    return {"model": {"config": config}}, config
+
+
+def _resolve(opts: VideoRunOptions) -> dict[str, Any]:
+    """The run config with the CLI's overrides applied and every required value present."""
+    data, source = _read_config(opts.config)
+    cfg = {section: dict(data.get(section) or {}) for section in _SECTIONS}
+    cfg["source"] = source
+    for key, value in (("checkpoint", opts.checkpoint),):
+        if value is not None:
+            cfg["model"][key] = str(value)
+    for key, value in (("root", opts.data_root), ("layout", opts.layout), ("split", opts.split)):
+        if value is not None:
+            cfg["dataset"][key] = str(value)
+    if "config" not in cfg["model"]:
+        raise UserError(f"{source}: model.config (a sam2 config name or size) is missing")
+    if "checkpoint" not in cfg["model"]:
+        raise UserError(f"{source}: no checkpoint (model.checkpoint or --checkpoint; null = random weights)")
+    if "root" not in cfg["dataset"]:
+        raise UserError(f"{source}: no dataset root (dataset.root or --data-root)")
+    model = cfg["model"]
+    if not isinstance(model.get("overrides", []), list) or not isinstance(model.get("reduced", {}), dict):
+        raise UserError(f"{source}: model.overrides must be a list of hydra overrides, model.reduced a map")
+    cfg["dataset"].setdefault("layout", "sav")
+    if cfg["dataset"]["layout"] not in ("sav", "davis"):
+        raise UserError(f"{source}: dataset.layout must be 'sav' or 'davis', "
+                        f"got {cfg['dataset']['layout']!r}")
+    for key in ("root", "layout", "split"):
+        cfg["calibration"].setdefault(key, cfg["dataset"].get(key))
+    return cfg
+
+
+def _load_qconfig(opts: VideoRunOptions) -> QConfig | None:
+    if opts.fp_only:
+        return None
+    if not opts.q_config.is_file():
+        raise UserError(f"--q_config: file not found: {opts.q_config}")
+    try:
+        qconfig = load_qconfig(opts.q_config)
+    except ConfigError as err:
+        raise UserError(f"--q_config: {err}") from None
+    bad = [key for key, on in _UNSUPPORTED if on(qconfig)]
+    if bad:
+        raise UserError(f"--q_config {opts.q_config}: {', '.join(bad)} is not available in the video "
+                        "pipeline (SAM-only prompt-aware steps); switch it off for SAM2")
+    if qconfig.recon.enabled and qconfig.recon.units != "blocks":
+        raise UserError(f"--q_config {opts.q_config}: recon.units {qconfig.recon.units!r} is not defined for "
+                        "SAM2; use 'blocks'")
+    return qconfig if opts.seed is None else dataclasses.replace(qconfig, seed=opts.seed)
+
+
+def _generate(dataset: dict[str, Any]) -> None:
+    """Write the demo's moving-shape clips when ``dataset.generate`` asks for them and the root is absent.
+
+    The clips are made in a temporary sibling folder and renamed into place, so a failed run leaves none.
+    """
+    spec = dict(dataset["generate"])
+    root = Path(dataset["root"])
+    if root.exists():
+        return
+    size = tuple(spec.pop("size", (72, 96)))
+    videos = int(spec.pop("videos", 3))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        for v in range(videos):
+            make_moving_shapes_clip(tmp, dataset["layout"], size=size, seed=v, video=f"shapes{v:02d}",
+                                    split=dataset.get("split") or "val", **spec)
+        os.replace(tmp, root)
+    except TypeError as err:
+        raise UserError(f"dataset.generate: {err}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _datasets(cfg: dict[str, Any], opts: VideoRunOptions, need_calib: bool) -> tuple[list, list]:
+    if cfg["dataset"].get("generate"):
+        _generate(cfg["dataset"])
+    found = {}
+    for section in ("dataset", "calibration") if need_calib else ("dataset",):
+        d = cfg[section]
+        try:
+            found[section] = read_dataset(d["root"], d["layout"], d.get("split"))
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(f"{section}: {err}") from None
+    samples = found["dataset"]
+    return samples[: opts.limit] if opts.limit else samples, found.get("calibration", [])
+
+
+def _build(cfg: dict[str, Any], seed: int, device: torch.device) -> tuple[torch.nn.Module, list[str]]:
+    """The video predictor on ``device`` and the hydra overrides it was built with."""
+    model = cfg["model"]
+    try:
+        overrides = [*(reduced_overrides(**model["reduced"]) if model.get("reduced") else []),
+                     *model.get("overrides", []), NO_FILL_HOLES]
+        if model.get("checkpoint") is None:
+            torch.manual_seed(seed)
+            logger.warning("model.checkpoint is null: randomly initialised SAM2 (demo numbers only)")
+            predictor = build_sam2_model(model["config"], overrides, video=True)
+        else:
+            predictor = load_sam2(model["config"], model["checkpoint"], overrides, video=True)
+    except (FileNotFoundError, ValueError, TypeError, HydraException) as err:
+        raise UserError(f"model: {err}") from None
+    return predictor.to(device).eval(), overrides
+
+
+def _harden_all(model: torch.nn.Module) -> None:
+    """AdaRound weights that no reconstruction trained are rounded to nearest before evaluation."""
+    for _, q in iter_quantizers(model):
+        if isinstance(q, AdaRoundQuantizer) and not q.is_hard:
+            q.harden()
+
+
+def _quantize(predictor: torch.nn.Module, qconfig: QConfig, clips: list, options: TrackOptions,
+              timer: dict[str, float]) -> dict[str, Any]:
+    """Quantize, calibrate (BIG, statistics, ACNR), reconstruct as ``qconfig`` asks; evaluation state."""
+    start = time.perf_counter()
+    quantize_sam2(predictor, qconfig)
+    report: dict[str, Any] = {"videos": [c.sample.name for c in clips], "frames": clips[0].frames}
+    if qconfig.ptq4sam.big:
+        report["big"] = apply_big_sam2(predictor, clips, qconfig, options)
+    calibrate(predictor, clips, options)
+    if qconfig.acnr.enabled:
+        report["acnr"] = condition_linears(predictor, clips, lambda c: track_clip(predictor, c, options),
+                                           qconfig.acnr)
+        calibrate(predictor, clips, options)
+    timer["calibration"] = time.perf_counter() - start
+    if qconfig.recon.enabled:
+        start = time.perf_counter()
+        reports = reconstruct_video(predictor, ReconSettings.from_qconfig(qconfig), clips, options)
+        report["reconstruction"] = {name: [dataclasses.asdict(r) for r in rs] for name, rs in reports.items()}
+        timer["reconstruction"] = time.perf_counter() - start
+    _harden_all(predictor)
+    set_mode(predictor, Mode.QUANTIZE)
+    assert_fully_quantized(predictor)
+    return report
+
+
+def _clips(cfg: dict[str, Any], opts: VideoRunOptions, qconfig: QConfig, pool: list, seed: int) -> list:
+    """N videos x K frames: from the CLI, else the run config, else 8 videos and calibrate / N frames."""
+    try:
+        n = opts.calib_videos or int(cfg["calibration"].get("videos", min(8, len(pool))))
+        k = opts.calib_frames or int(cfg["calibration"].get("frames", max(1, qconfig.calibrate // max(n, 1))))
+        return select_clips(pool, n, k, seed)
+    except ValueError as err:
+        raise UserError(f"calibration: {err}") from None
+
+
+def _evaluate(predictor: torch.nn.Module, samples: list, options: TrackOptions) -> VOSReport:
+    """Track and score video by video (only one video's masks in memory)."""
+    return evaluate(samples, TrackedPredictions(predictor, options), progress=True)
+
+
+def format_table(fp: VOSReport | None, quant: VOSReport | None) -> str:
+    """Float and quantized J&F, J and F per protocol, side by side."""
+    def cells(r: VOSReport | None, key: str) -> list[str]:
+        s = getattr(r, key) if r is not None else None
+        return ["-"] * 3 if s is None else [f"{s.jf:.2f}", f"{s.j:.2f}", f"{s.f:.2f}"]
+    widths = (10, 11, 7, 7, 11, 7, 7)
+    rows = [("protocol", "float J&F", "J", "F", "quant J&F", "J", "F")]
+    rows += [(key, *cells(fp, key), *cells(quant, key)) for key in ("official", "ahcq")]
+    return "\n".join(f"{row[0]:<{widths[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(row[1:], widths[1:]))
+                     for row in rows)
+
+
+def run(opts: VideoRunOptions) -> dict[str, Any]:
+    """One float (+ quantized) VOS evaluation; writes ``results.json`` only when everything succeeded."""
+    started = time.perf_counter()
+    cfg = _resolve(opts)
+    qconfig = _load_qconfig(opts)
+    seed = opts.seed if opts.seed is not None else (qconfig.seed if qconfig else 0)
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    device = torch.device(opts.device)
+    seed_everything(seed)
+    samples, calib_pool = _datasets(cfg, opts, qconfig is not None)
+    clips = _clips(cfg, opts, qconfig, calib_pool, seed) if qconfig is not None else []
+    tracking = cfg["tracking"]
+    try:
+        options = TrackOptions(threshold=float(tracking.get("threshold", 0.5)),
+                               offload_video=bool(tracking.get("offload_video", True)),
+                               offload_state=bool(tracking.get("offload_state", True)))
+    except ValueError as err:
+        raise UserError(f"tracking: {err}") from None
+    timer: dict[str, float] = {}
+    start = time.perf_counter()
+    predictor, overrides = _build(cfg, seed, device)
+    timer["build"] = time.perf_counter() - start
+    start = time.perf_counter()
+    fp = _evaluate(predictor, samples, options)
+    timer["fp_eval"] = time.perf_counter() - start
+    quant, calib_report = None, None
+    if qconfig is not None:
+        calib_report = _quantize(predictor, qconfig, clips, options, timer)
+        start = time.perf_counter()
+        quant = _evaluate(predictor, samples, options)
+        timer["quant_eval"] = time.perf_counter() - start
+    timer["total"] = time.perf_counter() - started
+    results = {
+        "fp": fp.as_dict(), "quant": quant.as_dict() if quant else None,
+        "config": cfg, "q_config": qconfig.to_dict() if qconfig else None,
+        "q_config_source": str(opts.q_config) if qconfig else None,
+        "sam2_overrides": overrides, "seed": seed, "device": str(device), "videos": [s.name for s in samples],
+        "calibration": calib_report, "tracking": dataclasses.asdict(options),
+        "timings_s": {k: round(v, 3) for k, v in timer.items()},
+    }
+    write_results(opts.out, results)
+    print(format_table(fp, quant))
+    return results
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="test_quant_video.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help=f"video-run YAML or sam2 config name/size (default: {DEMO_CONFIG})")
+    p.add_argument("--q_config", type=Path, help="quantization YAML (required unless --fp-only)")
+    p.add_argument("--checkpoint", type=Path, help="SAM 2.1 checkpoint (overrides the YAML's)")
+    p.add_argument("--data-root", type=Path, help="evaluation dataset root (overrides the YAML's)")
+    p.add_argument("--layout", choices=("sav", "davis"), help="dataset layout (overrides the YAML's)")
+    p.add_argument("--split", help="split name (overrides the YAML's)")
+    p.add_argument("--out", type=Path, help="results folder (default: runs/<config>__<q_config>)")
+    p.add_argument("--seed", type=int, help="seed of the run (default: the q_config's seed, else 0)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--calib-videos", type=_positive, help="calibration videos N (default: the YAML's, or 8)")
+    p.add_argument("--calib-frames", type=_positive,
+                   help="tracked frames K per calibration video (default: the YAML's, or calibrate / N)")
+    p.add_argument("--limit", type=_positive, help="evaluate only the first N videos")
+    p.add_argument("--fp-only", action="store_true", help="evaluate the float model only")
+    return p
+
+
+def _options(args: argparse.Namespace) -> VideoRunOptions:
+    config = args.config or str(DEMO_CONFIG if DEMO_CONFIG.is_file() else REPO / DEMO_CONFIG)
+    if args.q_config is None and not args.fp_only:
+        raise UserError("--q_config is required (or pass --fp-only to evaluate the float model only)")
+    q_stem = args.q_config.stem if args.q_config else "fp"
+    out = args.out or Path("runs") / f"{Path(config).stem}__{q_stem}"
+    return VideoRunOptions(
+        config=config, q_config=args.q_config, out=out, checkpoint=args.checkpoint, data_root=args.data_root,
+        layout=args.layout, split=args.split, seed=args.seed, device=args.device,
+        calib_videos=args.calib_videos, calib_frames=args.calib_frames, limit=args.limit,
+        fp_only=args.fp_only,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run; user errors exit non-zero with a one-line message naming the culprit."""
+    args = _parser().parse_args(argv)
+    if args.seed is not None and args.seed < 0:
+        raise SystemExit(f"test_quant_video.py: error: --seed must be >= 0, got {args.seed}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(_options(args))
+    except UserError as err:
+        raise SystemExit(f"test_quant_video.py: error: {err}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

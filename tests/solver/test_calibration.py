@@ -1,0 +1,145 @@
+"""Calibration steps against independent references: BIG keeps the attention output, ACNR from the error
+second moment equals ACNR from the raw errors, and recalibration sees the conditioned weights."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ahcq.models.sam_quantize import quantize_sam
+from ahcq.models.sam_roles import big_sites
+from ahcq.models.tiny_sam import build_tiny_sam
+from ahcq.quantization import api
+from ahcq.quantization.config import ACNRConfig, parse_qconfig
+from ahcq.quantization.layers import QuantLinear
+from ahcq.quantization.quantizers import Mode, Role
+from ahcq.quantization.transforms import acnr
+from ahcq.solver.calibration import apply_big, calibrate, condition_linears
+from ahcq.solver.feature_cache import CachedImage
+from ahcq.solver.pipeline import CalibSample, sam_forward
+from projects.instance_segment_anything import Prompts, SamSample
+from projects.instance_segment_anything.sam_runner import SamImage
+
+W8A8 = {"a_qconfig": {"bit": 8, "quantizer": "fixed", "observer": "minmax"},
+        "w_qconfig": {"bit": 8, "quantizer": "fixed", "observer": "minmax", "ch_axis": 0},
+        "recon": {"enabled": False}}
+
+
+def _sam():
+    torch.manual_seed(0)
+    return build_tiny_sam(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=4,
+                          global_attn_indexes=(1,), out_chans=32, decoder_depth=1, decoder_heads=2,
+                          decoder_mlp_dim=64, iou_head_hidden_dim=32)
+
+
+def _samples(sam, n: int = 3) -> list[CalibSample]:
+    generator = torch.Generator().manual_seed(1)
+    samples = []
+    for i in range(n):
+        pixels = torch.randint(0, 256, (1, 3, 64, 48), generator=generator).float()
+        image = SamImage(sam.preprocess(pixels), (64, 48), (80, 60))
+        xy = torch.rand(4, 2, generator=generator) * torch.tensor([30.0, 40.0])
+        boxes = torch.cat([xy, xy + torch.tensor([20.0, 30.0])], 1)
+        prompts = Prompts(boxes, torch.ones(4), torch.zeros(4, dtype=torch.long))
+        samples.append(CalibSample(CachedImage(f"k{i}", f"img{i}.png", i, SamSample(image, prompts)), None))
+    return samples
+
+
+def _decoder_logits(sam, sample: CalibSample) -> torch.Tensor:
+    image = sample.cached.sample.image
+    with torch.no_grad():
+        embedding = sam.image_encoder(image.tensor)
+        sparse, dense = sam.prompt_encoder(points=None, boxes=sample.cached.sample.prompts.boxes, masks=None)
+        logits, _ = sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, False)
+    return logits
+
+
+def test_big_folds_bimodal_keys_without_changing_the_attention_output():
+    sam = _sam()
+    qconfig = parse_qconfig({**W8A8, "ptq4sam": {"BIG": True}})
+    quantize_sam(sam, qconfig, quant_encoder=False)
+    name, attn = big_sites(sam)[0]
+    signs = torch.where(torch.arange(attn.k_proj.out_features) % 3 == 0, -1.0, 1.0)
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(0.05)
+        attn.k_proj.bias.copy_(4.0 * signs)  # every key channel sits on +4 or -4: two humps
+    samples = _samples(sam)
+    with api.quantization_disabled(sam):
+        before = [_decoder_logits(sam, s) for s in samples]
+    k_weight = attn.k_proj.weight.detach().clone()
+    forward = lambda s: sam_forward(sam, s, box_chunk=2, max_boxes=4)  # noqa: E731
+    folded = apply_big(sam, samples, forward, qconfig)
+    assert folded[name] is True
+    assert torch.equal(attn.k_proj.bias.detach(), 4.0 * torch.ones_like(signs))
+    assert torch.equal(attn.k_proj.weight.detach(), k_weight * signs[:, None])
+    with api.quantization_disabled(sam):
+        for ref, sample in zip(before, samples):
+            torch.testing.assert_close(_decoder_logits(sam, sample), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_acnr_from_the_error_moment_equals_acnr_from_the_raw_errors():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(16, 16))
+    v, _ = torch.linalg.qr(torch.randn(16, 16))
+    model = nn.Sequential(nn.Linear(16, 16))
+    with torch.no_grad():
+        model[0].weight.copy_(u @ torch.diag(torch.logspace(0, -3, 16)) @ v.T)
+    api.quantize(model, act=api.QuantSpec(bits=4, quantizer="fixed", observer="minmax"),
+                 weight=api.QuantSpec(bits=4, quantizer="fixed", observer="minmax", ch_axis=0))
+    layer = model[0]
+    xs = [torch.randn(int(n), 16) * torch.linspace(0.1, 3, 16) for n in (5, 9, 7)]
+    with api.calibrating(model), torch.no_grad():
+        for x in xs:
+            model(x)
+    cfg = ACNRConfig(enabled=True, iters=50, lam=0.01, beta=0.001, energy=0.8, min_cond=100.0,
+                     target="mean", calib=3)
+    deltas = [x - layer.input_quantizer.fake_quant(x) for x in xs]
+    expected = acnr(layer.weight.detach().clone(), deltas, iters=50, lam=0.01, beta=0.001, energy=0.8,
+                    min_cond=100.0, target="mean")
+    report = condition_linears(model, xs, model, cfg)
+    assert not expected.skipped and report["0"]["cond_after"] < report["0"]["cond_before"] / 10
+    torch.testing.assert_close(layer.weight.detach(), expected.weight, atol=1e-6, rtol=1e-5)
+
+
+def test_calibrate_recalibrates_on_the_conditioned_weights():
+    sam = _sam()
+    qconfig = parse_qconfig({**W8A8, "acnr": {"enabled": True, "min_cond": 1.0, "iters": 20}})
+    quantize_sam(sam, qconfig, quant_encoder=True)
+    samples = _samples(sam, 2)
+    original = {n: m.weight.detach().clone() for n, m in sam.named_modules() if isinstance(m, QuantLinear)}
+    report = calibrate(sam, samples, lambda s: sam_forward(sam, s, box_chunk=3, max_boxes=4), qconfig)
+    assert report.passes == 2 and report.images == 2
+    changed = [n for n, r in report.acnr.items() if not r["skipped"]]
+    assert changed and all(report.acnr[n]["cond_after"] <= report.acnr[n]["cond_before"] for n in changed)
+    layer = sam.get_submodule(changed[0])
+    assert not torch.equal(layer.weight.detach(), original[changed[0]])
+    fresh = api.build_quantizer(api.QuantSpec(bits=8, quantizer="fixed", observer="minmax", ch_axis=0),
+                                Role.WEIGHT, "fresh")
+    fresh.set_mode(Mode.CALIBRATE)
+    fresh(layer.weight.detach())
+    fresh.set_mode(Mode.OFF)
+    torch.testing.assert_close(layer.weight_quantizer.fake_quant(layer.weight.detach()),
+                               fresh.fake_quant(layer.weight.detach()), atol=0, rtol=0)
+    api.set_mode(sam, Mode.QUANTIZE)
+    api.assert_fully_quantized(sam)
+
+
+def test_calibrate_refuses_an_empty_calibration_set():
+    sam = _sam()
+    quantize_sam(sam, parse_qconfig(W8A8))
+    with pytest.raises(ValueError, match="at least one calibration image"):
+        calibrate(sam, [], lambda s: None, parse_qconfig(W8A8))
+
+
+def test_calibration_leaves_the_float_model_untouched():
+    sam = _sam()
+    reference = copy.deepcopy(sam)
+    samples = _samples(sam, 2)
+    quantize_sam(sam, parse_qconfig(W8A8), quant_encoder=True)
+    calibrate(sam, samples, lambda s: sam_forward(sam, s, box_chunk=4, max_boxes=4), parse_qconfig(W8A8))
+    with api.quantization_disabled(sam):
+        for sample in samples:
+            torch.testing.assert_close(_decoder_logits(sam, sample), _decoder_logits(reference, sample),
+                                       atol=0, rtol=0)

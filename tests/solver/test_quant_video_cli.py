@@ -1,0 +1,193 @@
+"""test_quant_video.main end to end: float and W4A4 runs of a reduced SAM 2.1 on generated clips.
+
+The checkpoint is a randomly initialised reduced Hiera-T saved in sam2's format ``{"model": state_dict}``,
+loaded back through the CLI's config; the W4A4 recipe is exp/sam2/w4a4.yaml (BIG, AGQ, CAG, HLUQ, LNQ, ACNR,
+QDrop reconstruction) with short searches and two reconstruction steps so that it runs in seconds.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ahcq.models.sam2_checkpoint import build_sam2_model, reduced_overrides
+from ahcq.solver.test_quant_video import main
+from ahcq.video import evaluate, read_sav
+from ahcq.video.fixtures import make_moving_shapes_clip
+from ahcq.video.propagation import predict_videos
+
+REPO = Path(__file__).resolve().parents[2]
+REDUCED = {"image_size": 128}
+EXTRA = ["++model.memory_attention.num_layers=1"]
+W4A4 = {
+    "base": str(REPO / "exp" / "sam2" / "w4a4.yaml"),
+    "calibrate": 2,
+    "w_qconfig": {"observer": "minmax"},
+    "recon": {"iters": 2},
+    "acnr": {"iters": 5, "calib": 1},
+    "lnq": {"alphas": [1.0]},
+    "agq": {"taus": [1, 2]},
+}
+METRICS = ("official/J&F", "official/J", "official/F", "ahcq/J&F", "ahcq/J", "ahcq/F")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Checkpoint, dataset (3 clips), run config and quantization config on disk."""
+    root = tmp_path_factory.mktemp("video_cli")
+    data = root / "data"
+    for v in range(3):
+        make_moving_shapes_clip(data, "sav", n_frames=4, size=(64, 80), n_objects=2, seed=10 + v,
+                                video=f"clip{v}")
+    torch.manual_seed(0)
+    model = build_sam2_model("t", [*reduced_overrides(**REDUCED), *EXTRA], video=True)
+    torch.save({"model": model.state_dict()}, root / "tiny.pt")
+    config = {
+        "model": {"config": "t", "checkpoint": str(root / "tiny.pt"), "reduced": REDUCED, "overrides": EXTRA},
+        "dataset": {"root": str(data), "layout": "sav", "split": "val"},
+        "calibration": {"videos": 1, "frames": 2},
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    (root / "w4a4.yaml").write_text(yaml.safe_dump(W4A4))
+    return {"root": root, "data": data, "ckpt": root / "tiny.pt", "config": root / "run.yaml",
+            "qconfig": root / "w4a4.yaml"}
+
+
+def _run(setup: dict[str, Path], out: Path, *extra: str) -> dict:
+    assert main(["--config", str(setup["config"]), "--out", str(out), *extra]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fp_results(setup, tmp_path_factory) -> dict:
+    return _run(setup, tmp_path_factory.mktemp("fp"), "--fp-only")
+
+
+@pytest.fixture(scope="module")
+def quant_results(setup, tmp_path_factory) -> dict:
+    return _run(setup, tmp_path_factory.mktemp("w4a4"), "--q_config", str(setup["qconfig"]), "--seed", "3")
+
+
+def test_fp_run_matches_direct_evaluation(setup, fp_results) -> None:
+    """The CLI's float numbers are those of the checkpoint tracked and scored directly."""
+    from ahcq.models.sam2_checkpoint import load_sam2
+
+    predictor = load_sam2("t", setup["ckpt"], [*reduced_overrides(**REDUCED), *EXTRA,
+                                                "++model.fill_hole_area=0"], video=True)
+    samples = read_sav(setup["data"], "val")
+    direct = evaluate(samples, predict_videos(predictor, samples, progress=False)).as_dict()
+    assert {k: fp_results["fp"][k] for k in direct} == direct
+    assert fp_results["quant"] is None and fp_results["q_config"] is None
+    assert fp_results["fp"]["official/count"] == 6 and fp_results["videos"] == ["clip0", "clip1", "clip2"]
+
+
+def test_w4a4_run_writes_complete_results(setup, fp_results, quant_results, capsys) -> None:
+    r = quant_results
+    assert r["fp"] == fp_results["fp"]  # quantizing afterwards never touches the float evaluation
+    assert all(math.isfinite(r["quant"][k]) and 0 <= r["quant"][k] <= 100 for k in METRICS)
+    assert r["quant"]["official/count"] == r["fp"]["official/count"]
+    assert r["seed"] == 3 and r["q_config"]["seed"] == 3 and r["device"] == "cpu"
+    assert r["q_config"]["a_qconfig"]["bit"] == 4 and r["q_config"]["w_qconfig"]["bit"] == 4
+    assert r["config"]["model"]["checkpoint"] == str(setup["ckpt"])
+    assert r["sam2_overrides"][-2:] == [*EXTRA, "++model.fill_hole_area=0"]
+    calib = r["calibration"]
+    assert len(calib["videos"]) == 1 and calib["frames"] == 2
+    sites = ("layers.0.cross_attn_token_to_image", "layers.1.cross_attn_token_to_image",
+             "final_attn_token_to_image")
+    assert set(calib["big"]) == {f"sam_mask_decoder.transformer.{s}" for s in sites}
+    assert calib["acnr"]
+    recon = calib["reconstruction"]
+    assert set(recon) == {"image_encoder", "memory_attention", "memory_encoder", "sam_mask_decoder"}
+    assert len(recon["image_encoder"]) == 12 and all(u["steps"] == 2 for us in recon.values() for u in us)
+    assert {"build", "fp_eval", "calibration", "reconstruction", "quant_eval", "total"} <= set(r["timings_s"])
+    main(["--config", str(setup["config"]), "--out", str(setup["root"] / "fp2"), "--fp-only"])
+    table = capsys.readouterr().out
+    assert "float J&F" in table and f"{r['fp']['official/J&F']:.2f}" in table
+
+
+def test_same_seed_same_quantized_result(setup, quant_results, tmp_path) -> None:
+    again = _run(setup, tmp_path, "--q_config", str(setup["qconfig"]), "--seed", "3")
+    assert again["quant"] == quant_results["quant"]
+    assert again["calibration"]["videos"] == quant_results["calibration"]["videos"]
+    losses = [[u["last_loss"] for u in us] for us in again["calibration"]["reconstruction"].values()]
+    assert losses == [[u["last_loss"] for u in us]
+                      for us in quant_results["calibration"]["reconstruction"].values()]
+
+
+def _fails(argv: list[str], capsys, match: str, out: Path) -> None:
+    with pytest.raises(SystemExit) as err:
+        main([*argv, "--out", str(out)])
+    assert err.value.code not in (0, None) and match in str(err.value.code) + capsys.readouterr().err
+    assert not (out / "results.json").exists()
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path, capsys) -> None:
+    config = yaml.safe_load(setup["config"].read_text())
+    out = tmp_path / "out"
+    _fails(["--config", str(setup["config"])], capsys, "--q_config is required", out)
+    _fails(["--config", str(setup["config"]), "--fp-only", "--checkpoint", str(tmp_path / "none.pt")], capsys,
+           "none.pt", out)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**config, "dataset": {**config["dataset"], "rooot": "x"}}))
+    _fails(["--config", str(bad), "--fp-only"], capsys, "unknown key dataset.rooot", out)
+    _fails(["--config", str(setup["config"]), "--fp-only", "--data-root", str(tmp_path / "nowhere")], capsys,
+           "nowhere", out)
+    pcc = tmp_path / "pcc.yaml"
+    pcc.write_text(yaml.safe_dump({**W4A4, "pcc": {"enabled": True}}))
+    _fails(["--config", str(setup["config"]), "--q_config", str(pcc)], capsys, "pcc.enabled", out)
+    _fails(["--config", str(setup["config"]), "--q_config", str(setup["qconfig"]), "--calib-videos", "5"],
+           capsys, "cannot draw 5 calibration videos from a dataset of 3", out)
+    _fails(["--config", "not_a_model", "--fp-only"], capsys, "not_a_model", out)
+
+
+CONFIGS = sorted((REPO / "projects" / "configs" / "sam2").glob("sam2.1_hiera_*.yaml"))
+CKPT_NAMES = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_name_real_sam2_builds_and_env_paths(path: Path, monkeypatch) -> None:
+    from ahcq.models.sam2_checkpoint import SAM2_TRUNKS, config_trunk
+    from ahcq.solver.test_quant_video import VideoRunOptions, _resolve
+
+    for var in ("AHCQ_CKPT_DIR", "AHCQ_SAV_ROOT", "AHCQ_DAVIS_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    size = path.stem.split("_")[2]
+    opts = VideoRunOptions(config=str(path), q_config=None, out=Path("unused"), fp_only=True)
+    cfg = _resolve(opts)
+    assert config_trunk(cfg["model"]["config"]) == SAM2_TRUNKS[size]
+    assert cfg["model"]["checkpoint"] == f"ckpt/sam2.1_hiera_{CKPT_NAMES[size]}.pt"
+    davis = path.stem.endswith("davis17_val")
+    assert cfg["dataset"]["layout"] == cfg["calibration"]["layout"] == ("davis" if davis else "sav")
+    assert cfg["calibration"]["split"] == ("train" if davis else "sav_train")
+    assert (cfg["calibration"]["videos"], cfg["calibration"]["frames"]) == (8, 4)
+    monkeypatch.setenv("AHCQ_CKPT_DIR", "weights")
+    monkeypatch.setenv("AHCQ_DAVIS_ROOT" if davis else "AHCQ_SAV_ROOT", "elsewhere")
+    moved = _resolve(opts)
+    assert moved["model"]["checkpoint"].startswith("weights/")
+    assert moved["dataset"]["root"].startswith("elsewhere")
+
+
+def test_demo_runs_without_arguments_and_generates_its_clips(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AHCQ_VIDEO_DEMO_ROOT", raising=False)
+    assert main(["--fp-only", "--out", "out"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["videos"] == ["shapes00", "shapes01", "shapes02"]
+    assert results["fp"]["official/count"] == 6 and results["config"]["model"]["checkpoint"] is None
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["demo_video"]  # no temporary left
+
+
+@pytest.mark.slow
+def test_full_ahcq_sam_preset_with_short_reconstruction(setup, tmp_path) -> None:
+    """exp/sam2/w4a4.yaml as shipped (MSE weight ranges, every LNQ alpha, ACNR 200 steps), 50 recon steps."""
+    qconfig = tmp_path / "preset.yaml"
+    qconfig.write_text(yaml.safe_dump({"base": W4A4["base"], "recon": {"iters": 50}}))
+    r = _run(setup, tmp_path / "out", "--q_config", str(qconfig), "--calib-videos", "2",
+             "--calib-frames", "2")
+    assert r["q_config"]["lnq"]["alphas"] == [0.001, 0.1, 1, 5, 10, 20, 50, 100, 200]
+    assert all(u["steps"] == 50 for us in r["calibration"]["reconstruction"].values() for u in us)
+    assert all(math.isfinite(r["quant"][k]) for k in METRICS)
