@@ -117,8 +117,10 @@ def level_figure(panels: list[list[LevelPanel]]) -> Figure:
             note = _histogram(ax, panel.values, panel.log_x)
             for s in panel.level_sets:
                 shown = s.levels[s.levels > 0] if panel.log_x else s.levels
+                hidden = s.levels.size - shown.size
+                label = f"{s.label} ({s.levels.size}" + (f", {hidden} at <= 0 not shown)" if hidden else ")")
                 lines = ax.vlines(shown, 0, 1, transform=ax.get_xaxis_transform(), colors=s.color,
-                                  linestyles=s.style, linewidth=0.9, label=f"{s.label} ({s.levels.size})")
+                                  linestyles=s.style, linewidth=0.9, label=label)
                 lines.set_gid(s.key)
             ax.set_title(panel.title + note, fontsize=10)
             ax.set(xlabel="value", ylabel="count")
