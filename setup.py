@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 setup(
     name="ahcq",
     version="0.1.0",
-    description="Post-training quantization for SAM / SAM2 (AHCQ-SAM, AHCPTQ, PTQ4SAM, SAQ-SAM, BRECQ, QDrop)",
+    description="Post-training quantization for SAM and SAM2: AHCQ-SAM, AHCPTQ, PTQ4SAM, SAQ-SAM, QDrop",
     python_requires=">=3.10",
     packages=find_packages(include=["ahcq", "ahcq.*", "projects", "projects.*"]),
     install_requires=[

@@ -8,9 +8,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(
-    "module", ["torch", "torchvision", "mmcv", "mmdet", "segment_anything", "sam2", "cocotb", "ahcq", "projects"]
-)
+MODULES = ["torch", "torchvision", "mmcv", "mmdet", "segment_anything", "sam2", "cocotb", "ahcq", "projects"]
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_imports(module: str) -> None:
     importlib.import_module(module)
 

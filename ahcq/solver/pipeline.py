@@ -4,11 +4,9 @@ calibrate, (reconstruct) -> quantized eval -> ``results.json``.
 Everything the user can get wrong (config, qconfig, checkpoints, annotation files, device) is checked
 before any output is written and raised as :class:`UserError`, which the CLI prints without a traceback.
 
-Reconstruction hook: when ``recon.enabled`` the run calls ``reconstruct_sam(sam, samples, qconfig,
-forward=..., device=...)`` from ``RECON_MODULE`` and stores what it returns under
-``calibration.reconstruction.report``. Until that module exists the run goes on without reconstruction,
-warns, and says so in ``results.json`` (``reconstruction.ran: false`` with a note), so that no number is
-mistaken for a reconstructed one; AdaRound weights are then rounded to nearest.
+When ``recon.enabled`` the run reconstructs with :func:`ahcq.solver.recon_sam.reconstruct_sam` (its
+per-unit state under ``--out``/recon_state lets an interrupted run resume) and stores the report under
+``calibration.reconstruction.report``; without reconstruction AdaRound weights are rounded to nearest.
 """
 from __future__ import annotations
 
@@ -40,14 +38,15 @@ from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
 from ahcq.solver.calibration import calibrate
 from ahcq.solver.evaluation import build_split, evaluate, pipeline_items
 from ahcq.solver.feature_cache import CachedImage, CacheStats, FeatureCache, module_fingerprint, run_key
+from ahcq.solver.pcc_sam import apply_pcc
+from ahcq.solver.recon_sam import reconstruct_sam
 from ahcq.solver.results import format_table, write_results
 from ahcq.solver.seeding import calibration_indices, seed_everything
 from projects.instance_segment_anything.sam_runner import decode_boxes
 
-__all__ = ["RECON_MODULE", "CalibSample", "RunOptions", "UserError", "run"]
+__all__ = ["CalibSample", "RunOptions", "UserError", "run"]
 
 logger = logging.getLogger(__name__)
-RECON_MODULE = "ahcq.solver.recon_sam"
 TINY_SAM_HINT = "make it with: python tools/make_demo_data.py && python tools/train_tiny_sam.py --out {ckpt}"
 DEMO_DATA_HINT = "generate the demo set with: python tools/make_demo_data.py"
 MAX_MESSAGE = 600
@@ -144,18 +143,11 @@ def _build_model(cfg: mmcv.Config, config_path: Path, device: torch.device) -> A
 
 
 def _reconstruct(sam: Any, samples: Sequence[CalibSample], qconfig: QConfig, forward: Any,
-                 device: torch.device) -> dict[str, Any]:
+                 device: torch.device, state_dir: Path) -> dict[str, Any]:
+    """Block reconstruction; its per-unit state under ``state_dir`` lets an interrupted run resume."""
     if not qconfig.recon.enabled:
         return {"requested": False, "ran": False}
-    try:
-        engine = importlib.import_module(RECON_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name != RECON_MODULE:
-            raise
-        note = f"recon.enabled but {RECON_MODULE} is not available: ran without reconstruction"
-        logger.warning(note)
-        return {"requested": True, "ran": False, "note": note}
-    report = engine.reconstruct_sam(sam, samples, qconfig, forward=forward, device=device)
+    report = reconstruct_sam(sam, samples, qconfig, forward=forward, device=device, state_dir=state_dir)
     return {"requested": True, "ran": True, "report": report}
 
 
@@ -195,14 +187,15 @@ def _quantize(model: Any, cache: FeatureCache, calib_keys: Sequence[str], qconfi
     quantize_sam(sam, qconfig, quant_encoder=opts.quant_encoder)
     forward = functools.partial(sam_forward, sam, box_chunk=model.box_chunk, max_boxes=opts.calib_max_boxes)
     report = calibrate(sam, samples, forward, qconfig)
-    recon = _reconstruct(sam, samples, qconfig, forward, device)
+    pcc = apply_pcc(sam, samples, qconfig, device) if qconfig.pcc.enabled else {}
+    recon = _reconstruct(sam, samples, qconfig, forward, device, opts.out / "recon_state")
     if not recon["ran"]:
         for _, q in iter_quantizers(sam):
             if isinstance(q, AdaRoundQuantizer):
                 q.harden()
     set_mode(sam, Mode.QUANTIZE)
     assert_fully_quantized(sam)
-    return {**dataclasses.asdict(report), "reconstruction": recon,
+    return {**dataclasses.asdict(report), "pcc": pcc, "reconstruction": recon,
             "quantizers": sum(1 for _ in iter_quantizers(sam))}
 
 

@@ -31,8 +31,16 @@ from ahcq.quantization.api import iter_quantizers, quantization_disabled
 from ahcq.quantization.config import QConfig
 from ahcq.solver.recon_loop import LossContext, UnitReport
 from ahcq.solver.recon_sam_units import (
-    DecoderLayerUnit, DecoderPart, EncoderAttnUnit, EncoderMlpUnit, EncoderStageUnit, FinalAttnUnit, NeckUnit,
-    Prompted, decoder_inputs, encoder_stages,
+    DecoderLayerUnit,
+    DecoderPart,
+    EncoderAttnUnit,
+    EncoderMlpUnit,
+    EncoderStageUnit,
+    FinalAttnUnit,
+    NeckUnit,
+    Prompted,
+    decoder_inputs,
+    encoder_stages,
 )
 from ahcq.solver.recon_units import Inputs, ReconUnit
 from ahcq.solver.reconstruction import ReconSettings, reconstruct
@@ -103,10 +111,14 @@ class SamChain:
         return queries, keys
 
 
-def sam_chain(sam: Sam, qconfig: QConfig) -> SamChain:
-    """Units per ``qconfig.recon.units`` (encoder units only when the encoder holds quantizers)."""
+def sam_chain(sam: Sam, qconfig: QConfig, par: bool | None = None) -> SamChain:
+    """Units per ``qconfig.recon.units`` (encoder units only when the encoder holds quantizers).
+
+    ``par`` (default ``par.enabled`` with stages): PAR's float tails; without them each module of the model
+    runs exactly once per forward of the chain.
+    """
     stages = qconfig.recon.units == "stages"
-    par = stages and qconfig.par.enabled
+    par = stages and (qconfig.par.enabled if par is None else par)
     iters_cams = qconfig.recon.iters_cams if qconfig.recon.iters_cams != qconfig.recon.iters else None
     enc, transformer = sam.image_encoder, sam.mask_decoder.transformer
     encoder: list[ReconUnit] = []
@@ -114,8 +126,9 @@ def sam_chain(sam: Sam, qconfig: QConfig) -> SamChain:
         if stages:
             for idx in encoder_stages(enc.blocks):
                 module = EncoderStageUnit([enc.blocks[i] for i in idx], sam if par else None)
-                encoder.append(ReconUnit(f"image_encoder.blocks.{idx[0]}-{idx[-1]}", module,
-                                         output=1 if par else None, feed=_first_feed, iters=iters_cams or None))
+                name = f"image_encoder.blocks.{idx[0]}-{idx[-1]}"
+                encoder.append(ReconUnit(name, module, output=1 if par else None, feed=_first_feed,
+                                         iters=iters_cams or None))
         else:
             for i, block in enumerate(enc.blocks):
                 encoder.append(ReconUnit(f"image_encoder.blocks.{i}.attn", EncoderAttnUnit(block)))
@@ -132,7 +145,7 @@ def sam_chain(sam: Sam, qconfig: QConfig) -> SamChain:
             output = 1 if part == "cross_attn_image_to_token" else 0
             decoder.append(ReconUnit(f"{name}.{part}", DecoderPart(layer, part), output=output,
                                      feed=_stream_feed))
-    final = stages and qconfig.recon.iters * FINAL_ITERS_FACTOR or None
+    final = qconfig.recon.iters * FINAL_ITERS_FACTOR if stages else None
     decoder.append(ReconUnit("mask_decoder.transformer.final_attn_token_to_image", FinalAttnUnit(transformer),
                              output=0, feed=_stream_feed, iters=final))
     if encoder:

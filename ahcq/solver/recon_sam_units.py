@@ -30,8 +30,8 @@ from torch import nn
 from ahcq.quantization.api import quantization_disabled
 
 __all__ = [
-    "DecoderLayerUnit", "DecoderPart", "EncoderAttnUnit", "EncoderMlpUnit", "EncoderStageUnit", "FinalAttnUnit",
-    "NeckUnit", "Prompted", "decoder_inputs", "encoder_stages", "float_transformer_keys",
+    "DecoderLayerUnit", "DecoderPart", "EncoderAttnUnit", "EncoderMlpUnit", "EncoderStageUnit",
+    "FinalAttnUnit", "NeckUnit", "Prompted", "decoder_inputs", "encoder_stages", "float_transformer_keys",
 ]
 
 Stream = tuple[torch.Tensor, torch.Tensor]

@@ -2,9 +2,10 @@
 
 Calibration tries every ``tau`` (default 1, 2, 4) and, for each, finds the scale by bounded scalar
 minimisation on ``[min(0.1, 0.01*max), max]`` of the value-aware error ``mean(((x_hat - x) @ V)**2)``
-(``value=`` V in the call context; the plain error without it). Errors add up and scales average over
-batches; the ``tau`` with the least total error is kept (buffer) and the scale, a Parameter filled in
-place, is learnable afterwards.
+(``value=`` V in the call context; the plain error without it), measured on at most
+``search.SEARCH_MAX_ROWS`` seeded random probability rows (the bounds use every row). Errors add up and
+scales average over batches; the ``tau`` with the least total error is kept (buffer) and the scale, a
+Parameter filled in place, is learnable afterwards.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 from ..primitives import SCALE_EPS, dequantize_agq, fake_quant_agq, quantize_agq
 from .base import Quantizer, Role
 from .lnq import check_probabilities
-from .search import bounded_argmin, value_error
+from .search import bounded_argmin, subsample_rows, value_error
 
 __all__ = ["AGQuantizer"]
 
@@ -65,6 +66,7 @@ class AGQuantizer(Quantizer):
         x = x.float()
         hi = max(float(x.max()), SCALE_EPS)
         lo = min(0.1, 0.01 * hi)
+        x, value = subsample_rows(x, value, seed=self.observed_batches)  # bounds from every row
         for i, tau in enumerate(self.taus):
 
             def error(scale: float, tau: float = tau) -> float:

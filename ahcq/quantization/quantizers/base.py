@@ -48,6 +48,12 @@ class Quantizer(nn.Module):
     Subclasses implement ``observe``, ``compute_params`` (called by ``finalize``), ``fake_quant``,
     ``quantize_int``, ``dequantize_int`` and ``export``. Weight quantizers observe only the first batch of a
     calibration pass, because the weight does not change between batches.
+
+    In ``QUANTIZE`` mode a weight quantizer keeps its last output when that output carries no autograd
+    graph (no grad needed, a hardened AdaRound, a fixed grid): a fixed weight gives the same fake-quant
+    every forward. The cached tensor is reused only while the weight and every parameter and buffer of the
+    quantizer are the same storage at the same version (any in-place edit, ``.data`` swap, ``load_state_dict``
+    or device move invalidates it) and the mode has not changed since.
     """
 
     family: str = "base"
@@ -61,6 +67,7 @@ class Quantizer(nn.Module):
         self.role = role
         self.bits = bits
         self.name = name
+        self.__dict__["_weight_cache"] = None
         self.mode = Mode.OFF
         self.drop_p = 0.0
         self.generator: torch.Generator | None = None
@@ -83,6 +90,26 @@ class Quantizer(nn.Module):
         observer = self.__dict__.get("observer")
         if observer is not None:
             observer.name = value
+
+    @property
+    def mode(self) -> Mode:
+        """Forward behaviour; every assignment (also the context managers' direct restores) drops the
+        cached weight."""
+        return self.__dict__["_mode"]
+
+    @mode.setter
+    def mode(self, value: Mode) -> None:
+        self.__dict__["_mode"] = value
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        """Forget the cached fake-quant weight (the next forward recomputes it)."""
+        self.__dict__["_weight_cache"] = None
+
+    def train(self, mode: bool = True) -> Quantizer:
+        """``nn.Module.train``; also drops the cached weight."""
+        self.clear_cache()
+        return super().train(mode)
 
     # ----------------------------------------------------------------- mode handling
     def set_mode(self, mode: Mode, drop_p: float = 0.0, generator: torch.Generator | None = None) -> None:
@@ -118,6 +145,12 @@ class Quantizer(nn.Module):
         """Dispatch on ``self.mode``; ``ctx`` carries side inputs (``value=``, ``next_layer=``)."""
         if self.mode is Mode.OFF:
             return x
+        cacheable = self.mode is Mode.QUANTIZE and self.role is Role.WEIGHT
+        if cacheable:
+            key = self._cache_key(x)
+            cached = self.__dict__["_weight_cache"]
+            if key is not None and cached is not None and cached[0] == key:
+                return cached[2]
         self.check_finite(x)
         if self.mode is Mode.CALIBRATE:
             if self.role is not Role.WEIGHT or self._observed_batches == 0:
@@ -128,7 +161,28 @@ class Quantizer(nn.Module):
         xq = self.fake_quant(x)
         if self.mode is Mode.DROP:
             return torch.where(self.drop_mask(x), x, xq)
+        if cacheable:
+            # a result with a graph must be recomputed (each backward needs its own); the aliases keep the
+            # keyed storages alive so that no other tensor can reuse their addresses
+            keep = key is not None and not xq.requires_grad
+            tensors = self._cache_tensors(x)
+            self.__dict__["_weight_cache"] = (key, tuple(t.detach() for t in tensors), xq) if keep else None
         return xq
+
+    def _cache_tensors(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (x, *self.parameters(), *self.buffers())
+
+    def _cache_key(self, x: torch.Tensor) -> tuple | None:
+        """What the weight's fake-quant depends on: storages and versions of the weight and of every
+        parameter and buffer, the weight's layout and the inference mode; ``None`` (no caching) for
+        inference tensors, which have no version counter."""
+        tensors = self._cache_tensors(x)
+        if any(t.is_inference() for t in tensors):
+            return None
+        return (
+            torch.is_inference_mode_enabled(), x.dtype, x.shape, x.stride(), x.storage_offset(),
+            *((t.device, t.data_ptr(), t._version) for t in tensors),
+        )
 
     def drop_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Elements that stay float in DROP mode: ``U < drop_p`` with ``U`` drawn from ``self.generator``."""
@@ -137,8 +191,13 @@ class Quantizer(nn.Module):
         return (u < self.drop_p).to(x.device)
 
     def check_finite(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming this quantizer when ``x`` holds NaN or Inf."""
-        if not torch.isfinite(x).all():
+        """Raise a ValueError naming this quantizer when ``x`` holds NaN or Inf.
+
+        One reduction instead of an elementwise mask: a sum of finite values is finite unless it overflows,
+        and any NaN or Inf makes it non-finite; only a non-finite sum pays for the full check.
+        """
+        x = x.detach()
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"quantizer {self.name!r} ({self.family}, {self.mode.name}): NaN or Inf input")
 
     def require_calibrated(self) -> None:

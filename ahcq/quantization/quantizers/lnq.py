@@ -3,7 +3,8 @@
 Codes are uniform in ``ln(1 + alpha*x) / ln(1 + alpha*clip)``: small ``alpha`` tends to a uniform grid,
 large ``alpha`` concentrates levels near 0. Calibration tries every ``alpha`` of a list and, for each, finds
 the clip by bounded scalar minimisation on ``[max(1e-4, 0.1*max), max]`` of the value-aware error
-``mean(((x_hat - x) @ V)**2)`` (``value=`` V in the call context; the plain error without it). Errors add
+``mean(((x_hat - x) @ V)**2)`` (``value=`` V in the call context; the plain error without it), measured on
+at most ``search.SEARCH_MAX_ROWS`` seeded random probability rows (the bounds use every row). Errors add
 up and clips average over batches; the ``alpha`` with the least total error is kept. ``alpha`` and ``clip``
 are buffers: LNQ is not trained during reconstruction.
 """
@@ -17,7 +18,7 @@ import torch
 
 from ..primitives import dequantize_lnq, fake_quant_lnq, quantize_lnq
 from .base import Quantizer, Role
-from .search import bounded_argmin, value_error
+from .search import bounded_argmin, subsample_rows, value_error
 
 __all__ = ["LNQuantizer"]
 
@@ -71,6 +72,7 @@ class LNQuantizer(Quantizer):
         x = x.float()
         hi = max(float(x.max()), MIN_CLIP)
         lo = max(MIN_CLIP, 0.1 * hi)
+        x, value = subsample_rows(x, value, seed=self.observed_batches)  # bounds from every row
         for i, alpha in enumerate(self.alphas):
             a = torch.tensor(alpha, device=x.device)
 

@@ -2,6 +2,10 @@
 
 The criterion measures the quantization error where it matters: after the consumer of the tensor (the
 next layer for HLUQ, the attention-times-value product for LNQ/AGQ), falling back to the tensor itself.
+
+Attention searches evaluate every candidate on at most ``SEARCH_MAX_ROWS`` probability rows
+(``subsample_rows``): the rows (one per batch x head x query) are independent in ``(x_hat - x) @ V``, so a
+seeded random subset estimates the same mean error at a fixed cost however large the attention map is.
 """
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from collections.abc import Callable
 import torch
 from scipy.optimize import minimize_scalar
 
-__all__ = ["bounded_argmin", "consumer_error", "value_error"]
+__all__ = ["SEARCH_MAX_ROWS", "bounded_argmin", "consumer_error", "subsample_rows", "value_error"]
+
+SEARCH_MAX_ROWS = 4096
 
 
 def consumer_error(
@@ -23,7 +29,7 @@ def consumer_error(
 
 def value_error(xq: torch.Tensor, x: torch.Tensor, value: torch.Tensor | None) -> float:
     """``mean(((xq - x) @ value)**2)``, or ``mean((xq - x)**2)`` without a value tensor."""
-    diff = xq - x
+    diff = torch.sub(xq, x, out=xq) if not xq.requires_grad else xq - x  # xq is a fresh tensor: reuse it
     if value is not None:
         diff = torch.matmul(diff, value)
     return float(torch.mean(diff.double() ** 2))
@@ -40,3 +46,33 @@ def bounded_argmin(fn: Callable[[float], float], lo: float, hi: float) -> tuple[
     res = minimize_scalar(fn, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6 * hi})
     best = min(((float(res.x), float(res.fun)), (hi, fn(hi)), (lo, fn(lo))), key=lambda p: p[1])
     return best
+
+
+def subsample_rows(
+    x: torch.Tensor, value: torch.Tensor | None, max_rows: int = SEARCH_MAX_ROWS, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """At most ``max_rows`` rows of the attention probabilities ``x`` ``[..., Nq, Nk]`` with their value
+    matrices ``[..., Nk, D]`` (``None``: no value), as ``[R, Nq', Nk]`` and ``[R, Nk, D]``.
+
+    The same seeded (``seed``) random queries are kept for every leading index (batch x head), and the
+    leading indices are subsampled too when they alone exceed the cap; inputs within the cap are returned
+    unchanged, so small searches are exact.
+    """
+    if x.dim() < 2 or x[..., 0].numel() <= max_rows:
+        return x, value
+    lead, queries, keys = x.shape[:-2], x.shape[-2], x.shape[-1]
+    if value is not None:
+        lead = torch.broadcast_shapes(lead, value.shape[:-2])
+        value = value.expand(*lead, *value.shape[-2:]).reshape(-1, *value.shape[-2:])
+    x = x.expand(*lead, queries, keys).reshape(-1, queries, keys)
+    gen = torch.Generator().manual_seed(seed)
+    keep_q = max(1, min(queries, max_rows // x.shape[0]))
+    if keep_q < queries:
+        idx = torch.randperm(queries, generator=gen)[:keep_q].sort().values.to(x.device)
+        x = x.index_select(1, idx)
+    keep_lead = max(1, max_rows // keep_q)
+    if keep_lead < x.shape[0]:
+        idx = torch.randperm(x.shape[0], generator=gen)[:keep_lead].sort().values.to(x.device)
+        x = x.index_select(0, idx)
+        value = value.index_select(0, idx) if value is not None else None
+    return x, value
