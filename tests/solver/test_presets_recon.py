@@ -66,6 +66,7 @@ def test_preset_reconstructs_end_to_end(method, demo, monkeypatch):
     steps = [u["steps"] for u in report["units"]]
     assert steps == [ITERS] * (len(steps) - 1) + [ITERS * FINAL_ITERS_FACTOR if stages else ITERS]
     assert report["drop_prob"] == (1.0 if method == "brecq" else 0.5)
+    assert bool(run["calibration"]["pcc"]) == stages  # PCC runs for SAQ-SAM only
     assert 0.0 <= run["quant"]["segm_mAP"] <= 100.0
 
 

@@ -49,15 +49,17 @@ def bounded_argmin(fn: Callable[[float], float], lo: float, hi: float) -> tuple[
 
 
 def subsample_rows(
-    x: torch.Tensor, value: torch.Tensor | None, max_rows: int = SEARCH_MAX_ROWS, seed: int = 0
+    x: torch.Tensor, value: torch.Tensor | None, max_rows: int | None = None, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """At most ``max_rows`` rows of the attention probabilities ``x`` ``[..., Nq, Nk]`` with their value
-    matrices ``[..., Nk, D]`` (``None``: no value), as ``[R, Nq', Nk]`` and ``[R, Nk, D]``.
+    """At most ``max_rows`` (default ``SEARCH_MAX_ROWS``) rows of the attention probabilities ``x``
+    ``[..., Nq, Nk]`` with their value matrices ``[..., Nk, D]`` (``None``: no value), as ``[R, Nq', Nk]`` and
+    ``[R, Nk, D]``.
 
     The same seeded (``seed``) random queries are kept for every leading index (batch x head), and the
     leading indices are subsampled too when they alone exceed the cap; inputs within the cap are returned
     unchanged, so small searches are exact.
     """
+    max_rows = SEARCH_MAX_ROWS if max_rows is None else max_rows
     if x.dim() < 2 or x[..., 0].numel() <= max_rows:
         return x, value
     lead, queries, keys = x.shape[:-2], x.shape[-2], x.shape[-1]
