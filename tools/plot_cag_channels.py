@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ahcq.analysis import add_common_args, load_samples, run_cli, sam_forward, setup_run
+from ahcq.analysis import add_common_args, encoder_block, run_cli, sam_forward, setup_quantized
 from ahcq.analysis.activations import (
     capture,
     channel_ranges,
@@ -27,7 +27,6 @@ from ahcq.analysis.activations import (
     per_sample_qparams,
 )
 from ahcq.analysis.figures import cag_channel_figure, save_png
-from ahcq.models.sam_quantize import quantize_sam
 from ahcq.quantization.observers import OBSERVERS
 from ahcq.quantization.quantizers import CAGQuantizer
 
@@ -47,9 +46,7 @@ CAG_LAYERS: tuple[tuple[str, str], ...] = (
 
 def slot_names(depth: int, block: int | None, layer: int) -> dict[str, str]:
     """``{input-quantizer name: title}`` of every CAG layer analysed; ``block`` defaults to the middle one."""
-    block = depth // 2 if block is None else block
-    if not 0 <= block < depth:
-        raise ValueError(f"--encoder-block {block}: the encoder has blocks 0..{depth - 1}")
+    block = encoder_block(depth, block)
     return {f"{pattern.format(block=block, layer=layer)}.input_quantizer": title
             for title, pattern in CAG_LAYERS}
 
@@ -68,9 +65,7 @@ def analyse(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """Per CAG layer, ``(quantizer name, statistics)`` with the arrays the figure shows."""
     if args.images < 2:
         raise ValueError("--images must be >= 2: parameters are compared across images")
-    qconfig, sam = setup_run(args)
-    samples = load_samples(args.data, args.split, args.images, qconfig.seed)
-    quantize_sam(sam, qconfig, quant_encoder=True)
+    _, sam, samples = setup_quantized(args)
     titles = slot_names(len(sam.image_encoder.blocks), args.encoder_block, args.decoder_layer)
     quantizers = find_quantizers(sam, titles, CAGQuantizer)
     acts = capture(sam, list(titles), samples, sam_forward(sam, args.max_boxes))

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ahcq.analysis import add_common_args, load_samples, png_path, run_cli, sam_forward, setup_run
-from ahcq.analysis.activations import capture, find_quantizers
+from ahcq.analysis import add_common_args, encoder_block, png_path, run_cli, sam_forward, setup_quantized
+from ahcq.analysis.activations import capture, code_levels, find_quantizers
 from ahcq.analysis.figures import LevelPanel, LevelSet, level_figure, save_png
-from ahcq.models.sam_quantize import DECODER_PATTERN, quantize_sam
+from ahcq.models.sam_quantize import DECODER_PATTERN
 from ahcq.quantization.api import calibrating
 from ahcq.quantization.config import QConfig
 from ahcq.quantization.quantizers import HLUQuantizer, Quantizer, Role, UniformQuantizer, make_quantizer
@@ -32,10 +32,7 @@ __all__ = ["hluq_levels", "main", "uniform_levels"]
 def slot_names(depth: int, block: int | None, layer: int) -> dict[str, str]:
     """``{input-quantizer name: title}`` of the encoder and decoder lin2 inputs; ``block`` defaults to the
     middle encoder block."""
-    block = depth // 2 if block is None else block
-    if not 0 <= block < depth:
-        raise ValueError(f"--encoder-block {block}: the encoder has blocks 0..{depth - 1}")
-    encoder = f"image_encoder.blocks.{block}.mlp.lin2.input_quantizer"
+    encoder = f"image_encoder.blocks.{encoder_block(depth, block)}.mlp.lin2.input_quantizer"
     decoder = f"mask_decoder.transformer.layers.{layer}.mlp.lin2.input_quantizer"
     return {encoder: "encoder MLP lin2 input (post-GELU)", decoder: "decoder MLP lin2 input (post-ReLU)"}
 
@@ -51,7 +48,7 @@ def uniform_twin(name: str, hluq: Quantizer, qconfig: QConfig) -> UniformQuantiz
 
 def hluq_levels(q: HLUQuantizer) -> tuple[np.ndarray, np.ndarray, float]:
     """(log-region levels, uniform-region levels, breakpoint) decoded from every code of ``q``."""
-    levels = q.dequantize_int(torch.arange(2**q.bits, dtype=torch.int32)).cpu().numpy()
+    levels = code_levels(q)
     n_log = int(q.n_log)
     return levels[:n_log], levels[n_log:], float(q.x_min + q.s1.detach())
 
@@ -66,9 +63,7 @@ Calibrated = dict[str, Quantizer]
 
 def analyse(args: argparse.Namespace) -> tuple[list[list[LevelPanel]], Calibrated, Calibrated]:
     """The figure's panels, the calibrated HLUQ quantizers and their uniform twins (both by slot name)."""
-    qconfig, sam = setup_run(args)
-    samples = load_samples(args.data, args.split, args.images, qconfig.seed)
-    quantize_sam(sam, qconfig, quant_encoder=True)
+    qconfig, sam, samples = setup_quantized(args)
     titles = slot_names(len(sam.image_encoder.blocks), args.encoder_block, args.decoder_layer)
     hluqs = find_quantizers(sam, titles, HLUQuantizer)
     twins = {name: uniform_twin(name, q, qconfig).to(sam.device) for name, q in hluqs.items()}

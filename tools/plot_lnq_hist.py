@@ -14,25 +14,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from ahcq.analysis import add_common_args, load_samples, png_path, run_cli, sam_forward, setup_run
-from ahcq.analysis.activations import capture, find_quantizers
+from ahcq.analysis import add_common_args, png_path, run_cli, sam_forward, setup_quantized
+from ahcq.analysis.activations import capture, code_levels, find_quantizers
 from ahcq.analysis.figures import LevelPanel, LevelSet, level_figure, save_png
-from ahcq.models.sam_quantize import quantize_sam
 from ahcq.quantization.api import calibrating
 from ahcq.quantization.quantizers import LNQuantizer, Quantizer, Role, make_quantizer
 
-__all__ = ["all_levels", "main"]
+__all__ = ["main"]
 
 ATTENTIONS = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
-
-
-def all_levels(q: Quantizer) -> np.ndarray:
-    """The value of every code ``0 .. 2**bits - 1`` of a calibrated probability quantizer."""
-    return q.dequantize_int(torch.arange(2**q.bits, dtype=torch.int32)).cpu().numpy()
 
 
 Calibrated = dict[str, Quantizer]
@@ -40,9 +33,7 @@ Calibrated = dict[str, Quantizer]
 
 def analyse(args: argparse.Namespace) -> tuple[list[list[LevelPanel]], Calibrated, Calibrated]:
     """The figure's panels, the calibrated LNQ quantizers and their AGQ twins (both by slot name)."""
-    qconfig, sam = setup_run(args)
-    samples = load_samples(args.data, args.split, args.images, qconfig.seed)
-    quantize_sam(sam, qconfig, quant_encoder=True)
+    qconfig, sam, samples = setup_quantized(args)
     layer = f"mask_decoder.transformer.layers.{args.decoder_layer}"
     names = [f"{layer}.{attention}.prob_quantizer" for attention in args.attention]
     lnqs = find_quantizers(sam, names, LNQuantizer)
@@ -56,10 +47,10 @@ def analyse(args: argparse.Namespace) -> tuple[list[list[LevelPanel]], Calibrate
         title = f"{name.removeprefix('mask_decoder.transformer.').removesuffix('.prob_quantizer')}, A{q.bits}"
         agq = twins[name]
         top.append(LevelPanel(f"{title}\nLNQ alpha={float(q.alpha):g}, clip={float(q.clip):.3g}", values, [
-            LevelSet("lnq", "LNQ levels", all_levels(q), "tab:red"),
+            LevelSet("lnq", "LNQ levels", code_levels(q), "tab:red"),
         ], log_x=True))
         bottom.append(LevelPanel(f"{title}\nAGQ tau={float(agq.tau):g}", values, [
-            LevelSet("agq", "AGQ levels", all_levels(agq), "tab:purple"),
+            LevelSet("agq", "AGQ levels", code_levels(agq), "tab:purple"),
         ], log_x=True))
     return [top, bottom], lnqs, twins
 

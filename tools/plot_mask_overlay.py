@@ -29,10 +29,8 @@ from ahcq.analysis import (
 )
 from ahcq.analysis.figures import MaskPanel, mask_overlay_figure, save_png
 from ahcq.models.sam_quantize import quantize_sam
-from ahcq.quantization.api import assert_fully_quantized, iter_quantizers, set_mode
 from ahcq.quantization.config import QConfig
-from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
-from ahcq.solver.calibration import calibrate
+from ahcq.solver.calibration import calibrate, switch_to_evaluation
 
 __all__ = ["ImageResult", "main", "mask_iou"]
 
@@ -59,11 +57,7 @@ def quantize_and_calibrate(sam: Sam, qconfig: QConfig, calib: Sequence[Sample], 
     """``sam`` in place: quantized, calibrated on ``calib``, every quantizer on (the evaluation state)."""
     quantize_sam(sam, qconfig, quant_encoder=True)
     calibrate(sam, list(calib), sam_forward(sam, max_boxes), qconfig)
-    for _, q in iter_quantizers(sam):
-        if isinstance(q, AdaRoundQuantizer):
-            q.harden()
-    set_mode(sam, Mode.QUANTIZE)
-    assert_fully_quantized(sam)
+    switch_to_evaluation(sam)
 
 
 def analyse(args: argparse.Namespace) -> tuple[list[ImageResult], str]:

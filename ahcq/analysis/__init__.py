@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,19 +21,22 @@ from segment_anything.modeling import Sam
 
 from ahcq.data.coco_io import load_coco_json, rle_to_mask
 from ahcq.models.sam_checkpoint import load_sam
-from ahcq.models.tiny_sam import build_tiny_sam
+from ahcq.models.sam_quantize import quantize_sam
+from ahcq.models.tiny_sam import build_tiny_sam, sidecar_build_args
 from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
 from projects.instance_segment_anything.sam_runner import decode_boxes, encode, prepare_image
 
 __all__ = [
     "Sample",
     "add_common_args",
+    "encoder_block",
     "load_samples",
     "load_sam_checkpoint",
     "png_path",
     "run_cli",
     "sam_forward",
     "sam_masks",
+    "setup_quantized",
     "setup_run",
 ]
 
@@ -54,8 +56,7 @@ def load_sam_checkpoint(checkpoint: str | Path, model_type: str | None = None) -
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: no such file {str(path)!r}")
-    sidecar = path.with_suffix(".json")
-    build_args = json.loads(sidecar.read_text()).get("build_args") if sidecar.is_file() else None
+    build_args = sidecar_build_args(path)
     if build_args is not None:
         return build_tiny_sam(checkpoint=path, **build_args)
     return load_sam(model_type, path).eval()
@@ -131,6 +132,23 @@ def setup_run(args: argparse.Namespace) -> tuple[QConfig, Sam]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
     return qconfig, load_sam_checkpoint(args.checkpoint, args.model_type).to(args.device)
+
+
+def setup_quantized(args: argparse.Namespace) -> tuple[QConfig, Sam, list[Sample]]:
+    """``setup_run``'s q_config and SAM, the SAM quantized (encoder included, every quantizer OFF), and the
+    ``--images`` samples of ``--split``."""
+    qconfig, sam = setup_run(args)
+    samples = load_samples(args.data, args.split, args.images, qconfig.seed)
+    quantize_sam(sam, qconfig, quant_encoder=True)
+    return qconfig, sam, samples
+
+
+def encoder_block(depth: int, block: int | None) -> int:
+    """``--encoder-block``, checked against the encoder's ``depth``; ``None`` picks the middle block."""
+    block = depth // 2 if block is None else block
+    if not 0 <= block < depth:
+        raise ValueError(f"--encoder-block {block}: the encoder has blocks 0..{depth - 1}")
+    return block
 
 
 def png_path(out: Path, default_name: str) -> Path:

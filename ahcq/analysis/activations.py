@@ -23,6 +23,7 @@ from ahcq.quantization.quantizers import Quantizer
 __all__ = [
     "capture",
     "channel_ranges",
+    "code_levels",
     "find_quantizers",
     "pairwise_param_cosine",
     "per_sample_qparams",
@@ -42,6 +43,11 @@ def find_quantizers(model: nn.Module, names: Iterable[str], family: type[Quantiz
                              f"use a q_config that enables {family.family} there")
         found[name] = q
     return found
+
+
+def code_levels(q: Quantizer) -> np.ndarray:
+    """The value of every code ``0 .. 2**bits - 1`` of a calibrated quantizer, decoded by the quantizer."""
+    return q.dequantize_int(torch.arange(2**q.bits, dtype=torch.int32)).cpu().numpy()
 
 
 def capture(

@@ -6,28 +6,24 @@ checkpoints keep loading. ``quantize_sam2`` then builds every quantizer from a `
 map (``sam2_roles``): Linear/Conv layers through the generic ``api.quantize``, the twins' q/k/v/prob slots
 here. All quantizers start OFF; calibrate with ``api.calibrating`` and switch them on with ``api.set_mode``.
 
-Precedence for an activation slot (later wins): ``a_qconfig`` (``decoder_a_qconfig`` under the mask
-decoder when a config splits them), the role map, then the config's ``overrides``. Every quantized slot must
-be covered by the role map, so a sam2 release that moves a layer fails loudly instead of silently getting a
-default quantizer. What stays float (``DEFAULT_KEEP_FLOAT``) follows AHCQ-SAM's SAM2 recipe: patch
-embedding, prompt encoder, mask-decoder output heads and object-pointer projections.
+Precedence and the shared steps are ``quant_recipe``'s. Every quantized slot must be covered by the role
+map, so a sam2 release that moves a layer fails loudly instead of silently getting a default quantizer.
+What stays float (``DEFAULT_KEEP_FLOAT``) follows AHCQ-SAM's SAM2 recipe: patch embedding, prompt encoder,
+mask-decoder output heads and object-pointer projections.
 """
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
 from sam2.modeling.sam2_base import SAM2Base
 from torch import nn
 
+from ahcq.models.quant_recipe import fill_twin_slots, quantize_layers, user_overrides
 from ahcq.models.sam import float_patterns, is_kept_float
 from ahcq.models.sam2_attention import SAM2_TWIN_TYPES, make_twin
 from ahcq.models.sam2_roles import matching, sam2_role_map
-from ahcq.models.sam_attention import ATTENTION_SLOTS, EmptySlot
-from ahcq.quantization import api
-from ahcq.quantization.config import QConfig, QSpecConfig
+from ahcq.quantization.config import QConfig
 from ahcq.quantization.layers import QuantConv2d, QuantLinear
 
 __all__ = ["DECODER_PATTERN", "DEFAULT_KEEP_FLOAT", "attention_twins", "prepare_sam2", "quantize_sam2"]
@@ -78,50 +74,6 @@ def attention_twins(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SAM2_TWIN_TYPES)]
 
 
-def _spec_fields(spec: QSpecConfig | dict[str, Any]) -> dict[str, Any]:
-    """YAML recipe keys -> ``QuantSpec`` fields (``bit`` -> ``bits``; unset keys dropped)."""
-    items = dataclasses.asdict(spec) if isinstance(spec, QSpecConfig) else dict(spec)
-    return {("bits" if k == "bit" else k): v for k, v in items.items() if v is not None}
-
-
-def _user_overrides(qconfig: QConfig) -> list[tuple[str, dict[str, Any] | None]]:
-    out: list[tuple[str, dict[str, Any] | None]] = []
-    for o in qconfig.overrides:
-        partial = {slot: _spec_fields(dict(items)) for slot, items in (("act", o.act), ("weight", o.weight))
-                   if items}
-        out.append((o.pattern, None if o.keep_float else partial))
-    return out
-
-
-def _decoder_split(qconfig: QConfig) -> dict[str, dict[str, Any]]:
-    """SAQ-SAM's separate decoder recipes, where they differ from the default ones."""
-    split = {"act": (qconfig.decoder_a_qconfig, qconfig.a_qconfig),
-             "weight": (qconfig.decoder_w_qconfig, qconfig.w_qconfig)}
-    return {slot: _spec_fields(dec) for slot, (dec, default) in split.items()
-            if dec is not None and dec != default}
-
-
-def _slot_quantizer(
-    name: str, slot: str, base: api.QuantSpec, role_map: list, user: list[tuple[str, dict[str, Any] | None]]
-) -> nn.Module:
-    """The quantizer of ``<name>.<slot>_quantizer`` (an ``EmptySlot`` when an override keeps it float)."""
-    rows = matching(role_map, name, slot)
-    if not rows:
-        raise RuntimeError(f"attention slot {name}.{slot} is not covered by the SAM2 role map")
-    full = f"{name}.{slot}_quantizer"
-    spec = base
-    for row in rows:
-        spec = spec.updated(row.overrides, f"SAM2 role map {row.pattern!r} [{slot}]")
-    for pattern, override in user:
-        if not fnmatch.fnmatchcase(full, pattern):
-            continue
-        if override is None:
-            return EmptySlot()
-        if "act" in override:
-            spec = spec.updated(override["act"], f"override {pattern!r} [act]")
-    return api.build_quantizer(spec, rows[-1].role, full)
-
-
 def quantize_sam2(
     model: SAM2Base, qconfig: QConfig, keep_float: Iterable[str] = DEFAULT_KEEP_FLOAT
 ) -> SAM2Base:
@@ -132,23 +84,12 @@ def quantize_sam2(
     patterns = float_patterns(True, keep_float)
     prepare_sam2(model, patterns)
     role_map = sam2_role_map(qconfig)
-    act = api.QuantSpec(**_spec_fields(qconfig.a_qconfig))
-    weight = api.QuantSpec(**_spec_fields(qconfig.w_qconfig))
-    decoder = _decoder_split(qconfig)
-    overrides: list[tuple[str, dict[str, Any] | None]] = [(DECODER_PATTERN, decoder)] if decoder else []
-    overrides += [(a.pattern, {"act": a.overrides}) for a in role_map if a.slot == "input" and a.overrides]
-    user = _user_overrides(qconfig)
-    skip = [p for pattern in patterns for p in (pattern, f"{pattern}.*")]
-    api.quantize(model, act=act, weight=weight, overrides=overrides + user, skip=skip)
-
-    decoder_act = act.updated(decoder["act"], "decoder_a_qconfig") if "act" in decoder else act
+    user = user_overrides(qconfig)
+    recipes = quantize_layers(model, qconfig, role_map, user, patterns, DECODER_PATTERN)
     for name, module in list(model.named_modules()):
         if isinstance(module, (QuantLinear, QuantConv2d)) and module.input_quantizer is not None:
             if not matching(role_map, name, "input"):
                 raise RuntimeError(f"quantized layer {name!r} is not covered by the SAM2 role map; "
                                    "keep it float (keep_float) or add a role-map row")
-    for name, twin in attention_twins(model):
-        base = decoder_act if fnmatch.fnmatchcase(name, DECODER_PATTERN) else act
-        for slot in ATTENTION_SLOTS:
-            twin.set_quantizer(slot, _slot_quantizer(name, slot, base, role_map, user))
+    fill_twin_slots(attention_twins(model), recipes, DECODER_PATTERN, role_map, user, "SAM2 role map")
     return model

@@ -32,7 +32,7 @@ from sam2.modeling.position_encoding import apply_rotary_enc
 from sam2.modeling.sam.transformer import Attention, RoPEAttention
 from torch import nn
 
-from ahcq.models.sam_attention import ATTENTION_SLOTS, EmptySlot
+from ahcq.models.sam_attention import EmptySlot, SlottedAttention
 from ahcq.quantization.quantizers import Mode, Quantizer
 
 __all__ = [
@@ -45,28 +45,13 @@ __all__ = [
 ]
 
 
-class _Sam2SlottedAttention(nn.Module):
-    """Slot handling plus the attention: fused unless the probabilities are quantized or observed."""
+class _Sam2SlottedAttention(SlottedAttention):
+    """The SAM twins' slots plus the attention: fused unless the probabilities are quantized or observed."""
 
     def __init__(self, dropout_p: float = 0.0) -> None:
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not the upstream class's constructor (see the module doc)
         self.dropout_p = dropout_p
-        for slot in ATTENTION_SLOTS:
-            self.add_module(f"{slot}_quantizer", EmptySlot())
-
-    def set_quantizer(self, slot: str, quantizer: nn.Module) -> None:
-        """Install ``quantizer`` in ``slot`` (one of ``ATTENTION_SLOTS``)."""
-        self._check_slot(slot)
-        self.add_module(f"{slot}_quantizer", quantizer)
-
-    def quantizer(self, slot: str) -> nn.Module:
-        """The module in ``slot`` (an ``EmptySlot`` when none is installed)."""
-        self._check_slot(slot)
-        return getattr(self, f"{slot}_quantizer")
-
-    def _check_slot(self, slot: str) -> None:
-        if slot not in ATTENTION_SLOTS:
-            raise KeyError(f"{type(self).__name__} has no slot {slot!r}; slots are {ATTENTION_SLOTS}")
+        self._empty_slots()
 
     def _prob_is_identity(self) -> bool:
         """Whether nothing needs the probabilities (an empty slot or a switched-off quantizer)."""

@@ -26,7 +26,9 @@ from segment_anything.modeling import image_encoder as sam_image_encoder
 from segment_anything.modeling import transformer as sam_transformer
 from torch import nn
 
-__all__ = ["ATTENTION_SLOTS", "EmptySlot", "QuantDecoderAttention", "QuantEncoderAttention"]
+__all__ = [
+    "ATTENTION_SLOTS", "EmptySlot", "QuantDecoderAttention", "QuantEncoderAttention", "SlottedAttention",
+]
 
 ATTENTION_SLOTS = ("q", "k", "v", "prob")
 
@@ -38,28 +40,33 @@ class EmptySlot(nn.Module):
         return x
 
 
-class _SlottedAttention(nn.Module):
-    """Common slot handling: ``<slot>_quantizer`` children, set and read by slot name."""
+class SlottedAttention(nn.Module):
+    """Slot handling of every attention twin (SAM's and SAM2's): ``<slot>_quantizer`` children, set and read
+    by slot name."""
 
     def __init__(self) -> None:
         super().__init__()
+        self._empty_slots()
+
+    def _empty_slots(self) -> None:
         for slot in ATTENTION_SLOTS:
             self.add_module(f"{slot}_quantizer", EmptySlot())
 
-    def set_quantizer(self, slot: str, quantizer: nn.Module) -> None:
-        """Install ``quantizer`` in ``slot`` (one of ``ATTENTION_SLOTS``)."""
+    def _slot_attr(self, slot: str) -> str:
         if slot not in ATTENTION_SLOTS:
             raise KeyError(f"{type(self).__name__} has no slot {slot!r}; slots are {ATTENTION_SLOTS}")
-        self.add_module(f"{slot}_quantizer", quantizer)
+        return f"{slot}_quantizer"
+
+    def set_quantizer(self, slot: str, quantizer: nn.Module) -> None:
+        """Install ``quantizer`` in ``slot`` (one of ``ATTENTION_SLOTS``)."""
+        self.add_module(self._slot_attr(slot), quantizer)
 
     def quantizer(self, slot: str) -> nn.Module:
         """The module in ``slot`` (an ``EmptySlot`` when none is installed)."""
-        if slot not in ATTENTION_SLOTS:
-            raise KeyError(f"{type(self).__name__} has no slot {slot!r}; slots are {ATTENTION_SLOTS}")
-        return getattr(self, f"{slot}_quantizer")
+        return getattr(self, self._slot_attr(slot))
 
 
-class QuantEncoderAttention(_SlottedAttention):
+class QuantEncoderAttention(SlottedAttention):
     """Twin of ``image_encoder.Attention``: q/k/v slots after the split into heads, prob after softmax."""
 
     def __init__(self, attn: sam_image_encoder.Attention) -> None:
@@ -94,7 +101,7 @@ class QuantEncoderAttention(_SlottedAttention):
         return self.proj(x)
 
 
-class QuantDecoderAttention(_SlottedAttention):
+class QuantDecoderAttention(SlottedAttention):
     """Twin of ``transformer.Attention``: q/k/v slots on the projection outputs, prob after softmax.
 
     The k slot sits before the head split, on the channels of ``k_proj``'s output, which is where BIG's

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-__all__ = ["SAM_VARIANTS", "SamSpec", "build_sam", "infer_model_type", "load_sam"]
+__all__ = ["SAM_VARIANTS", "SamSpec", "build_sam", "infer_model_type", "load_sam", "sam_from_spec"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,11 @@ def _spec(model_type: str, size_overrides: Mapping[str, Any]) -> SamSpec:
 
 def build_sam(model_type: str, **size_overrides: Any) -> Sam:
     """A randomly initialised ``Sam`` of ``model_type`` in eval mode, built as segment_anything builds it."""
-    s = _spec(model_type, size_overrides)
+    return sam_from_spec(_spec(model_type, size_overrides))
+
+
+def sam_from_spec(s: SamSpec) -> Sam:
+    """A randomly initialised ``Sam`` with the sizes of ``s`` in eval mode, built as segment_anything does."""
     grid = s.img_size // s.patch_size
     sam = Sam(
         image_encoder=ImageEncoderViT(

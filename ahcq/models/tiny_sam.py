@@ -6,11 +6,15 @@ transformer and 4 mask tokens), so a checkpoint of it exercises the same quantiz
 """
 from __future__ import annotations
 
-from functools import partial
+import json
 from os import PathLike
+from pathlib import Path
+from typing import Any
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import Sam
+
+from ahcq.models.sam_checkpoint import SamSpec, sam_from_spec
 
 
 def _sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
@@ -53,41 +57,30 @@ def build_tiny_sam(
     if any(not 0 <= i < depth for i in global_attn_indexes):
         raise ValueError(f"global_attn_indexes {list(global_attn_indexes)} out of range for depth {depth}")
     grid = img_size // patch_size
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=img_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=4,
-            out_chans=out_chans,
-            qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True,
-            window_size=window_size,
-            global_attn_indexes=tuple(global_attn_indexes),
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=out_chans,
-            image_embedding_size=(grid, grid),
-            input_image_size=(img_size, img_size),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=decoder_depth, embedding_dim=out_chans, mlp_dim=decoder_mlp_dim, num_heads=decoder_heads
-            ),
-            transformer_dim=out_chans,
-            iou_head_depth=3,
-            iou_head_hidden_dim=iou_head_hidden_dim,
-        ),
-    )
-    sam.eval()
+    sam = sam_from_spec(SamSpec(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        global_attn_indexes=tuple(global_attn_indexes),
+        img_size=img_size,
+        patch_size=patch_size,
+        window_size=window_size,
+        prompt_embed_dim=out_chans,
+        decoder_depth=decoder_depth,
+        decoder_mlp_dim=decoder_mlp_dim,
+        decoder_num_heads=decoder_heads,
+        iou_head_hidden_dim=iou_head_hidden_dim,
+    ))
     with torch.no_grad():
         sam.image_encoder.pos_embed.copy_(_sincos_pos_embed(grid, embed_dim))
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         sam.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return sam
+
+
+def sidecar_build_args(checkpoint: str | PathLike) -> dict[str, Any] | None:
+    """The ``build_args`` recorded in the json sidecar next to a tiny-SAM checkpoint (as
+    tools/train_tiny_sam.py writes it); ``None`` without a sidecar or without that entry."""
+    sidecar = Path(checkpoint).with_suffix(".json")
+    return json.loads(sidecar.read_text()).get("build_args") if sidecar.is_file() else None

@@ -1,4 +1,5 @@
-"""Calibration of a quantized SAM on cached calibration samples: BIG, statistics, ACNR, recalibration.
+"""Calibration of a quantized SAM on cached calibration samples: BIG, statistics, ACNR, recalibration;
+then ``switch_to_evaluation``.
 
 Order (each step on float activations, so no step sees another's rounding):
 
@@ -26,12 +27,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ahcq.models.sam_roles import big_sites
-from ahcq.quantization.api import calibrating, quantization_disabled
+from ahcq.quantization.api import (
+    assert_fully_quantized,
+    calibrating,
+    iter_quantizers,
+    quantization_disabled,
+    set_mode,
+)
 from ahcq.quantization.config import ACNRConfig, QConfig
 from ahcq.quantization.layers import QuantLinear
+from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
 from ahcq.quantization.transforms import apply_acnr_, fold_sign, is_bimodal
 
-__all__ = ["BIG_IMAGES", "CalibrationReport", "apply_big", "calibrate", "condition_linears"]
+__all__ = [
+    "BIG_IMAGES", "CalibrationReport", "apply_big", "calibrate", "condition_linears", "switch_to_evaluation",
+]
 
 logger = logging.getLogger(__name__)
 BIG_IMAGES = 4
@@ -76,9 +86,16 @@ class _KeyStats:
 
 
 @torch.no_grad()
-def apply_big(sam: nn.Module, samples: Sequence[Any], forward: Forward, qconfig: QConfig) -> dict[str, bool]:
-    """Fold BIG signs where the pooled key activations are bimodal; ``{attention: folded}``."""
-    sites = big_sites(sam)
+def apply_big(
+    sam: nn.Module, samples: Sequence[Any], forward: Forward, qconfig: QConfig,
+    sites: Sequence[tuple[str, nn.Module]] | None = None,
+) -> dict[str, bool]:
+    """Fold BIG signs where the pooled key activations are bimodal; ``{attention: folded}``.
+
+    ``sites`` are the ``(name, attention)`` pairs to test, each with ``q_proj``/``k_proj`` Linears
+    (default: SAM's ``big_sites``; SAM2 passes its own). Keys are pooled over ``samples[:BIG_IMAGES]``.
+    """
+    sites = big_sites(sam) if sites is None else sites
     generator = torch.Generator().manual_seed(qconfig.seed)
     stats = {name: _KeyStats(generator) for name, _ in sites}
     hooks = [attn.k_proj.register_forward_hook(stats[name]) for name, attn in sites]
@@ -170,3 +187,13 @@ def calibrate(
                 _pass(sam, samples, forward, "recalibrate")
             report.passes = 2
     return report
+
+
+def switch_to_evaluation(model: nn.Module) -> None:
+    """The state evaluation needs: AdaRound weights no reconstruction hardened are rounded to nearest, then
+    every quantizer is switched on, and that is checked."""
+    for _, q in iter_quantizers(model):
+        if isinstance(q, AdaRoundQuantizer) and not q.is_hard:
+            q.harden()
+    set_mode(model, Mode.QUANTIZE)
+    assert_fully_quantized(model)

@@ -33,10 +33,9 @@ from hydra.errors import HydraException
 
 from ahcq.models.sam2 import quantize_sam2
 from ahcq.models.sam2_checkpoint import build_sam2_model, load_sam2, reduced_overrides, resolve_config
-from ahcq.quantization.api import assert_fully_quantized, iter_quantizers, set_mode
 from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
-from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
-from ahcq.solver.calibration import condition_linears
+from ahcq.solver.calibration import condition_linears, switch_to_evaluation
+from ahcq.solver.cli import positive, run_cli
 from ahcq.solver.reconstruction import ReconSettings
 from ahcq.solver.results import write_results
 from ahcq.solver.seeding import seed_everything
@@ -228,13 +227,6 @@ def _build(cfg: dict[str, Any], seed: int, device: torch.device) -> tuple[torch.
     return predictor.to(device).eval(), overrides
 
 
-def _harden_all(model: torch.nn.Module) -> None:
-    """AdaRound weights that no reconstruction trained are rounded to nearest before evaluation."""
-    for _, q in iter_quantizers(model):
-        if isinstance(q, AdaRoundQuantizer) and not q.is_hard:
-            q.harden()
-
-
 def _quantize(predictor: torch.nn.Module, qconfig: QConfig, clips: list, options: TrackOptions,
               timer: dict[str, float]) -> dict[str, Any]:
     """Quantize, calibrate (BIG, statistics, ACNR), reconstruct as ``qconfig`` asks; evaluation state."""
@@ -254,9 +246,7 @@ def _quantize(predictor: torch.nn.Module, qconfig: QConfig, clips: list, options
         reports = reconstruct_video(predictor, ReconSettings.from_qconfig(qconfig), clips, options)
         report["reconstruction"] = {name: [dataclasses.asdict(r) for r in rs] for name, rs in reports.items()}
         timer["reconstruction"] = time.perf_counter() - start
-    _harden_all(predictor)
-    set_mode(predictor, Mode.QUANTIZE)
-    assert_fully_quantized(predictor)
+    switch_to_evaluation(predictor)
     return report
 
 
@@ -333,13 +323,6 @@ def run(opts: VideoRunOptions) -> dict[str, Any]:
     return results
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="test_quant_video.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -352,10 +335,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="results folder (default: runs/<config>__<q_config>)")
     p.add_argument("--seed", type=int, help="seed of the run (default: the q_config's seed, else 0)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--calib-videos", type=_positive, help="calibration videos N (default: the YAML's, or 8)")
-    p.add_argument("--calib-frames", type=_positive,
+    p.add_argument("--calib-videos", type=positive, help="calibration videos N (default: the YAML's, or 8)")
+    p.add_argument("--calib-frames", type=positive,
                    help="tracked frames K per calibration video (default: the YAML's, or calibrate / N)")
-    p.add_argument("--limit", type=_positive, help="evaluate only the first N videos")
+    p.add_argument("--limit", type=positive, help="evaluate only the first N videos")
     p.add_argument("--fp-only", action="store_true", help="evaluate the float model only")
     return p
 
@@ -376,15 +359,8 @@ def _options(args: argparse.Namespace) -> VideoRunOptions:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run; user errors exit non-zero with a one-line message naming the culprit."""
-    args = _parser().parse_args(argv)
-    if args.seed is not None and args.seed < 0:
-        raise SystemExit(f"test_quant_video.py: error: --seed must be >= 0, got {args.seed}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(_options(args))
-    except UserError as err:
-        raise SystemExit(f"test_quant_video.py: error: {err}") from None
-    return 0
+    return run_cli("test_quant_video.py", _parser().parse_args(argv), lambda args: run(_options(args)),
+                   UserError)
 
 
 if __name__ == "__main__":

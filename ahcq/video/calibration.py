@@ -3,10 +3,11 @@
 Calibration follows the AHCQ-SAM SAM2 protocol: the model sees what it sees at evaluation (GT mask prompts,
 memories of the previous frames, object pointers), so every quantizer, including those of the memory
 attention and memory encoder, observes real tracking activations. ``track_clip`` is the one forward over a
-clip: ``calibrate`` runs it with every quantizer calibrating, ``apply_big_sam2`` with hooks on the BIG key
-projections, and ``record_calls`` with a hook that keeps the float inputs of every call of a submodule. The
-last is how ``reconstruct_video`` feeds the generic reconstruction engine, which needs a unit to run once
-per sample, while tracking runs each component once per frame and object: every recorded call is a sample.
+clip: ``calibrate`` runs it with every quantizer calibrating, ``apply_big_sam2`` (the SAM pipeline's
+``apply_big`` on the SAM2 sites) with hooks on the BIG key projections, and ``record_calls`` with a hook
+that keeps the float inputs of every call of a submodule. The last is how ``reconstruct_video`` feeds the
+generic reconstruction engine, which needs a unit to run once per sample, while tracking runs each
+component once per frame and object: every recorded call is a sample.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from ahcq.models.sam2_roles import sam2_big_sites
 from ahcq.quantization import api
 from ahcq.quantization.config import QConfig
-from ahcq.quantization.transforms import fold_sign, is_bimodal
+from ahcq.solver.calibration import apply_big
 from ahcq.solver.reconstruction import ReconSettings, reconstruct, units_from_names
 from ahcq.solver.seeding import calibration_indices
 from ahcq.video.datasets import VideoSample
@@ -69,34 +70,15 @@ def calibrate(predictor: nn.Module, clips: Sequence[CalibrationClip],
             track_clip(predictor, clip, options)
 
 
-@torch.no_grad()
 def apply_big_sam2(predictor: nn.Module, clips: Sequence[CalibrationClip], qconfig: QConfig,
                    options: TrackOptions = DEFAULT_TRACKING) -> dict[str, bool]:
-    """PTQ4SAM's BIG on SAM2: fold the key-channel signs of each bimodal BIG site; ``{attention: folded}``.
+    """PTQ4SAM's BIG on SAM2: ``apply_big`` on the SAM2 BIG sites; ``{attention: folded}``.
 
     Keys are pooled over every tracked frame of the first calibration clip (the SAM2 reference decides on
     one video as well), with every quantizer off.
     """
-    sites = sam2_big_sites(predictor)
-    keys: dict[str, list[torch.Tensor]] = {name: [] for name, _ in sites}
-    hooks = [attn.k_proj.register_forward_hook(
-        lambda _m, _i, out, name=name: keys[name].append(_detached(out))) for name, attn in sites]
-    try:
-        with api.quantization_disabled(predictor):
-            track_clip(predictor, clips[0], options)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    p = qconfig.ptq4sam
-    folded = {}
-    for name, attn in sites:
-        if not keys[name]:
-            raise RuntimeError(f"BIG: attention {name} never ran while tracking {clips[0].sample.name!r}")
-        flat = [k.reshape(-1, k.shape[-1]).clone() for k in keys[name]]
-        folded[name] = is_bimodal(flat, p.global_num, p.peak_distance, p.peak_height, seed=qconfig.seed)
-        if folded[name]:
-            fold_sign(attn.q_proj, attn.k_proj, torch.cat(flat))
-    return folded
+    return apply_big(predictor, clips[:1], lambda clip: track_clip(predictor, clip, options), qconfig,
+                     sam2_big_sites(predictor))
 
 
 def _detached(value: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 from segment_anything.modeling import Sam
 
 from ahcq.models.sam_checkpoint import build_sam, load_sam
-from ahcq.models.tiny_sam import build_tiny_sam
+from ahcq.models.tiny_sam import build_tiny_sam, sidecar_build_args
 
 from .registry import SAM_BUILDERS
 
@@ -37,10 +36,7 @@ def TinySAM(checkpoint: str | os.PathLike | None = None, **sizes: Any) -> Sam:  
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"sam.checkpoint: no such tiny SAM weights {os.fspath(checkpoint)!r}")
-    sidecar = path.with_suffix(".json")
-    if sidecar.is_file():
-        sizes = {**json.loads(sidecar.read_text()).get("build_args", {}), **sizes}
-    return build_tiny_sam(checkpoint=path, **sizes)
+    return build_tiny_sam(checkpoint=path, **{**(sidecar_build_args(path) or {}), **sizes})
 
 
 @SAM_BUILDERS.register_module()

@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from model_helpers import Recorder
 from PIL import Image
 from sam2.modeling.backbones.hieradet import MultiScaleAttention
 from sam2.modeling.sam.transformer import Attention, RoPEAttention
@@ -48,18 +49,6 @@ def small_sam2(size: str = "t", video: bool = False, seed: int = 0) -> nn.Module
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
-
-
-class Recorder(EmptySlot):
-    """Identity slot that records the shapes (and side inputs) it sees."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
-
-    def forward(self, x: torch.Tensor, **ctx) -> torch.Tensor:
-        self.seen.append((tuple(x.shape), tuple(sorted(ctx))))
-        return x
 
 
 class ExplicitIdentity(EmptySlot):

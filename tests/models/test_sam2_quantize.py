@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import W8A8, kinds
 from sam2.modeling.sam.transformer import RoPEAttention
 from test_sam2_parity import iou, small_sam2, track, write_clip
 from torch import nn
@@ -19,7 +20,6 @@ from ahcq.quantization.layers import QuantConv2d, QuantLinear
 from ahcq.quantization.quantizers import Mode, Role
 
 EXP = Path(__file__).resolve().parents[2] / "exp" / "sam2"
-W8A8 = {"a_qconfig": {"bit": 8}, "w_qconfig": {"bit": 8, "quantizer": "fixed", "observer": "minmax"}}
 RECIPE = {
     "ptq4sam": {"BIG": True, "AGQ": True},
     "ahcptq": {"cag": True, "group": 4, "hluq": True},
@@ -39,10 +39,6 @@ FLOAT_LAYERS = (
     "obj_ptr_proj.layers.0",
     "obj_ptr_tpos_proj",
 )
-
-
-def kinds(model: nn.Module) -> dict[str, tuple[str, Role]]:
-    return {name: (type(q).__name__, q.role) for name, q in api.iter_quantizers(model)}
 
 
 def test_quantized_scope_and_float_heads() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import Recorder
 from segment_anything.modeling import image_encoder as sam_image_encoder
 from segment_anything.modeling import transformer as sam_transformer
 from torch import nn
@@ -134,18 +135,6 @@ def test_keep_float_and_quant_encoder_leave_attentions_upstream() -> None:
         prepare_sam(sam, keep_float="prompt_encoder")
     with pytest.raises(TypeError, match="expects a segment_anything Sam"):
         prepare_sam(sam.image_encoder)
-
-
-class Recorder(EmptySlot):
-    """Identity slot that records what it sees (shape and side inputs)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
-
-    def forward(self, x: torch.Tensor, **ctx) -> torch.Tensor:
-        self.seen.append((tuple(x.shape), tuple(sorted(ctx))))
-        return x
 
 
 def test_slots_sit_where_documented() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import W8A8, kinds
 from segment_anything.modeling import image_encoder as sam_image_encoder
 from segment_anything.modeling import transformer as sam_transformer
 from torch import nn
@@ -13,7 +14,6 @@ from ahcq.quantization.config import parse_qconfig
 from ahcq.quantization.layers import QuantConv2d, QuantLinear
 from ahcq.quantization.quantizers import Mode, Role
 
-W8A8 = {"a_qconfig": {"bit": 8}, "w_qconfig": {"bit": 8, "quantizer": "fixed", "observer": "minmax"}}
 AHCQSAM = {
     **W8A8,
     "ptq4sam": {"BIG": True, "AGQ": True},
@@ -49,10 +49,6 @@ def batch(sam, n_boxes: int = 3, seed: int = 1) -> list[dict]:
         "original_size": (size, size),
         "boxes": torch.cat([xy, xy + size * 0.4], dim=1),
     }]
-
-
-def kinds(sam) -> dict[str, tuple[str, Role]]:
-    return {name: (type(q).__name__, q.role) for name, q in api.iter_quantizers(sam)}
 
 
 @pytest.mark.parametrize("model_type", ["vit_b", "vit_l", "vit_h"])

@@ -25,23 +25,26 @@ CONFIGS = REPO / "projects" / "configs"
 YOLOX_TINY = str(Path(mmdet.__file__).parent / ".mim" / "configs" / "yolox" / "yolox_tiny_8x8_300e_coco.py")
 
 
+SMALL_SAM = dict(
+    img_size=64,
+    patch_size=8,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    window_size=4,
+    global_attn_indexes=(1,),
+    out_chans=32,
+    decoder_depth=1,
+    decoder_heads=2,
+    decoder_mlp_dim=64,
+    iou_head_hidden_dim=32,
+)
+
+
 def small_sam(seed: int = 0) -> Sam:
-    """A random SAM from segment_anything's classes, small enough to run in well under a second."""
+    """A random SAM from segment_anything's classes (``SMALL_SAM`` sizes), run in well under a second."""
     torch.manual_seed(seed)
-    return build_tiny_sam(
-        img_size=64,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        window_size=4,
-        global_attn_indexes=(1,),
-        out_chans=32,
-        decoder_depth=1,
-        decoder_heads=2,
-        decoder_mlp_dim=64,
-        iou_head_hidden_dim=32,
-    )
+    return build_tiny_sam(**SMALL_SAM)
 
 
 def sam_dataset(coco: dict):

@@ -36,23 +36,22 @@ SAM_CONFIGS = [
 DETECTOR_CONFIGS = [p for p in ALL if p.startswith("detectors/")]
 
 
+def _empty_coco(root: Path, splits: tuple[str, ...], classes: tuple[str, ...]) -> None:
+    """``root/annotations/instances_<split>.json`` with no images, only the categories ``classes``."""
+    annotations = root / "annotations"
+    annotations.mkdir(parents=True)
+    cats = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
+    for split in splits:
+        (annotations / f"instances_{split}.json").write_text(
+            json.dumps({"images": [], "annotations": [], "categories": cats})
+        )
+
+
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point every path variable at a scratch tree holding just enough files for the file-based prompts."""
-    coco = tmp_path / "coco" / "annotations"
-    coco.mkdir(parents=True)
-    cats = [{"id": i + 1, "name": name} for i, name in enumerate(CocoDataset.CLASSES)]
-    for split in ("train2017", "val2017"):
-        (coco / f"instances_{split}.json").write_text(
-            json.dumps({"images": [], "annotations": [], "categories": cats})
-        )
-    demo = tmp_path / "demo" / "annotations"
-    demo.mkdir(parents=True)
-    demo_cats = [{"id": i + 1, "name": name} for i, name in enumerate(shapes.CATEGORIES)]
-    for split in ("train", "val"):
-        (demo / f"instances_{split}.json").write_text(
-            json.dumps({"images": [], "annotations": [], "categories": demo_cats})
-        )
+    _empty_coco(tmp_path / "coco", ("train2017", "val2017"), CocoDataset.CLASSES)
+    _empty_coco(tmp_path / "demo", ("train", "val"), shapes.CATEGORIES)
     dets = tmp_path / "dets"
     dets.mkdir()
     for name in ("hdetr_r50", "focalnet_dino_l"):

@@ -6,32 +6,17 @@ import json
 
 import pytest
 import torch
-from plugin_helpers import small_sam
+from plugin_helpers import SMALL_SAM, small_sam
 
 from projects.instance_segment_anything import SAM_BUILDERS
-
-SMALL = dict(
-    img_size=64,
-    patch_size=8,
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    window_size=4,
-    global_attn_indexes=(1,),
-    out_chans=32,
-    decoder_depth=1,
-    decoder_heads=2,
-    decoder_mlp_dim=64,
-    iou_head_hidden_dim=32,
-)
 
 
 def test_tiny_sam_loads_the_weights_it_is_given(tmp_path):
     reference = small_sam(seed=3)
     path = tmp_path / "tiny.pth"
     torch.save(reference.state_dict(), path)
-    loaded = SAM_BUILDERS.build(dict(type="TinySAM", checkpoint=str(path), **SMALL))
-    random = SAM_BUILDERS.build(dict(type="TinySAM", checkpoint=None, **SMALL))
+    loaded = SAM_BUILDERS.build(dict(type="TinySAM", checkpoint=str(path), **SMALL_SAM))
+    random = SAM_BUILDERS.build(dict(type="TinySAM", checkpoint=None, **SMALL_SAM))
     for name, tensor in reference.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert not all(torch.equal(random.state_dict()[n], t) for n, t in reference.state_dict().items())
@@ -43,7 +28,7 @@ def test_tiny_sam_takes_its_sizes_from_the_checkpoints_sidecar(tmp_path):
     torch.save(reference.state_dict(), path)
     with pytest.raises(RuntimeError):  # default sizes do not fit these weights
         SAM_BUILDERS.build(dict(type="TinySAM", checkpoint=str(path)))
-    path.with_suffix(".json").write_text(json.dumps({"build_args": SMALL, "seed": 4}))
+    path.with_suffix(".json").write_text(json.dumps({"build_args": SMALL_SAM, "seed": 4}))
     loaded = SAM_BUILDERS.build(dict(type="TinySAM", checkpoint=str(path)))
     assert loaded.image_encoder.img_size == 64
     assert torch.equal(loaded.mask_decoder.iou_token.weight, reference.mask_decoder.iou_token.weight)

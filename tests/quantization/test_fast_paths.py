@@ -5,6 +5,7 @@ slicing of large inputs, the cached weight fake-quant, the single-reduction NaN/
 subsampling of the attention searches. References: the autograd path of the same primitive, torch's own
 fake-quant ops, and the encoders as first written (below, with boolean selects and masked fills).
 """
+import copy
 import math
 
 import pytest
@@ -125,14 +126,18 @@ def test_lnq_fast_path_matches_reference_and_graph_path(shape, bits, alpha, clip
     assert torch.equal(P.quantize_lnq(p, c, a, bits), ref_codes_lnq(p, c, a, bits))
 
 
-def test_sliced_fast_path_handles_non_contiguous_input():
-    p = probs((5, 301, 257)).transpose(1, 2)
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+def test_sliced_fast_path_handles_non_contiguous_input(layout):
+    p = probs((5, 301, 257))
+    p = {"transposed": p.transpose(1, 2), "strided": p[:, ::2], "expanded": p[:1].expand(3, -1, -1)}[layout]
     assert not p.is_contiguous() and p.numel() > 65536
     c, a = torch.tensor(0.7), torch.tensor(30.0)
     with torch.no_grad():
         fast = P.fake_quant_lnq(p, c, a, 4)
+        uniform = P.fake_quant_uniform(p, c / 15, torch.tensor(0.0), 0, 15)
     assert fast.shape == p.shape
     assert torch.equal(fast, P.dequantize_lnq(ref_codes_lnq(p, c, a, 4), c, a, 4))
+    assert torch.equal(uniform, torch.fake_quantize_per_tensor_affine(p, float(c / 15), 0, 0, 15))
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -324,6 +329,30 @@ def test_cache_dropped_on_mode_changes():
     third = wq(layer.weight)
     wq.eval()
     assert wq(layer.weight) is not third
+
+
+def test_cache_dropped_by_regroup_and_explicit_clear():
+    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(4))
+    q = calibrate(CAGQuantizer(Role.WEIGHT, 4, groups=2, name="w.cag"), w)
+    with torch.no_grad():
+        per_channel = q(w)
+        assert q(w) is per_channel
+        q.regroup(2)  # rewrites the scale through .data
+        grouped = q(w)
+        assert not torch.equal(grouped, per_channel) and torch.equal(grouped, recomputed(q, w))
+        q.scale.data.mul_(2)  # unversioned: the cache cannot see it ...
+        assert q(w) is grouped
+        q.clear_cache()  # ... until cleared
+        assert torch.equal(q(w), recomputed(q, w)) and not torch.equal(q(w), grouped)
+
+
+def test_copies_leave_the_cache_behind():
+    layer, wq = hardened_layer()
+    cached = wq(layer.weight)
+    twin = copy.deepcopy(wq)
+    assert twin.__dict__["_weight_cache"] is None and twin.mode is Mode.QUANTIZE
+    assert wq(layer.weight) is cached
+    assert torch.equal(twin(layer.weight), cached)
 
 
 def test_no_cache_when_the_output_needs_a_graph():

@@ -53,7 +53,8 @@ class Quantizer(nn.Module):
     graph (no grad needed, a hardened AdaRound, a fixed grid): a fixed weight gives the same fake-quant
     every forward. The cached tensor is reused only while the weight and every parameter and buffer of the
     quantizer are the same storage at the same version (any in-place edit, ``.data`` swap, ``load_state_dict``
-    or device move invalidates it) and the mode has not changed since.
+    or device move invalidates it) and the mode has not changed since. In-place edits made through ``.data``
+    bypass version counting: methods that make them call ``clear_cache()``, and so must outside code.
     """
 
     family: str = "base"
@@ -111,6 +112,20 @@ class Quantizer(nn.Module):
         self.clear_cache()
         return super().train(mode)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles and deep copies leave the cached weight behind (it is derived state)."""
+        state = dict(super().__getstate__())
+        state["_weight_cache"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also loads quantizers pickled before ``mode`` became a property (a plain ``mode`` attribute)."""
+        state = dict(state)
+        if "mode" in state:
+            state["_mode"] = state.pop("mode")
+        state.setdefault("_weight_cache", None)
+        super().__setstate__(state)
+
     # ----------------------------------------------------------------- mode handling
     def set_mode(self, mode: Mode, drop_p: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Switch mode; leaving CALIBRATE finalizes, entering QUANTIZE/DROP requires calibrated parameters."""
@@ -139,6 +154,7 @@ class Quantizer(nn.Module):
             raise RuntimeError(f"quantizer {self.name!r} ({self.family}) saw no data during calibration")
         self.compute_params()
         self.calibrated.fill_(True)
+        self.clear_cache()
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, **ctx: Any) -> torch.Tensor:
@@ -174,13 +190,14 @@ class Quantizer(nn.Module):
 
     def _cache_key(self, x: torch.Tensor) -> tuple | None:
         """What the weight's fake-quant depends on: storages and versions of the weight and of every
-        parameter and buffer, the weight's layout and the inference mode; ``None`` (no caching) for
-        inference tensors, which have no version counter."""
+        parameter and buffer, the weight's layout, the grid's plain attributes and the inference mode;
+        ``None`` (no caching) for inference tensors, which have no version counter."""
         tensors = self._cache_tensors(x)
         if any(t.is_inference() for t in tensors):
             return None
+        grid = tuple(self.__dict__.get(a) for a in ("bits", "qmin", "qmax", "ch_axis", "symmetric"))
         return (
-            torch.is_inference_mode_enabled(), x.dtype, x.shape, x.stride(), x.storage_offset(),
+            torch.is_inference_mode_enabled(), grid, x.dtype, x.shape, x.stride(), x.storage_offset(),
             *((t.device, t.data_ptr(), t._version) for t in tensors),
         )
 

@@ -113,6 +113,7 @@ class CAGQuantizer(LSQQuantizer):
         self.zero_point[:used] = group_zp.round().to(self.zero_point.device, torch.int32)
         self.group_index.copy_(index)
         self.groups.fill_(used)
+        self.clear_cache()  # the scale was rewritten through .data, which keeps its version
 
     def export(self) -> dict[str, np.ndarray]:
         self.require_calibrated()

@@ -16,7 +16,7 @@ from scipy.optimize import minimize_scalar
 
 __all__ = ["SEARCH_MAX_ROWS", "bounded_argmin", "consumer_error", "subsample_rows", "value_error"]
 
-SEARCH_MAX_ROWS = 4096
+SEARCH_MAX_ROWS = 1024
 
 
 def consumer_error(
@@ -29,7 +29,7 @@ def consumer_error(
 
 def value_error(xq: torch.Tensor, x: torch.Tensor, value: torch.Tensor | None) -> float:
     """``mean(((xq - x) @ value)**2)``, or ``mean((xq - x)**2)`` without a value tensor."""
-    diff = torch.sub(xq, x, out=xq) if not xq.requires_grad else xq - x  # xq is a fresh tensor: reuse it
+    diff = xq - x
     if value is not None:
         diff = torch.matmul(diff, value)
     return float(torch.mean(diff.double() ** 2))

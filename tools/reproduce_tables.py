@@ -1,0 +1,203 @@
+"""Reproduce the papers' tables from a small spec: every cell is a cached, resumable test_quant.py run.
+
+    python tools/reproduce_tables.py --demo                       # the testbed grid (exp/tables/demo.yaml)
+    python tools/reproduce_tables.py --spec exp/tables/coco.yaml --only coco_yolox --dry-run
+    python tools/reproduce_tables.py --spec exp/tables/ablation.yaml --out runs/tables --jobs 2
+
+A cell's folder under ``<out>/cells/<model>/`` is named by a hash of what its result depends on; a cell
+whose results.json is complete is not run again, so an interrupted grid resumes where it stopped. The FP
+baseline of each model is one shared cell. A failed cell is reported and the grid goes on; the command
+exits non-zero at the end, listing the failures. Tables go to ``<out>/tables.md`` and ``<out>/<table>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ahcq.quantization.config import ConfigError
+from ahcq.tables.grid import Cell, Spec, SpecError, load_spec, plan_tables
+from ahcq.tables.render import FAILED, cell_value, render_plan, render_registers
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_SPEC = REPO / "exp" / "tables" / "demo.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reproduce_tables.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--spec", type=Path, help="table spec YAML (exp/tables/*.yaml)")
+    src.add_argument("--demo", action="store_true", help=f"the testbed grid, {DEMO_SPEC.relative_to(REPO)}")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/tables/<spec name>)")
+    p.add_argument("--only", action="append", metavar="TABLE", help="only this table (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their state; write nothing")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells at once; 1 runs them in this process, more as test_quant.py subprocesses")
+    p.add_argument("--threads", type=int, help="torch CPU threads per cell (test_quant.py --threads)")
+    return p
+
+
+def _option(key: str, value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return f"{key}={text}"
+
+
+def cell_argv(cell: Cell, root: Path, threads: int | None) -> list[str]:
+    """test_quant.py arguments of ``cell`` (its q_config.yaml must be written first)."""
+    out = cell.out_dir(root)
+    argv = ["--config", str(cell.model.config), "--q_config", str(out / "q_config.yaml"), "--out", str(out),
+            "--cache-dir", str(root / "cache"), "--fp-only" if cell.kind == "fp" else "--skip-fp"]
+    run = cell.run
+    argv += ["--quant-encoder"] if run.get("quant_encoder") else []
+    for key in ("seed", "limit", "calib_images", "calib_max_boxes"):
+        if run.get(key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(run[key])]
+    argv += ["--threads", str(threads)] if threads else []
+    if cell.model.cfg_options:
+        argv += ["--cfg-options", *(_option(k, v) for k, v in cell.model.cfg_options.items())]
+    return argv
+
+
+def is_complete(cell: Cell, root: Path) -> bool:
+    """Whether the cell's results.json holds its section (fp or quant)."""
+    path = cell.out_dir(root) / "results.json"
+    try:
+        return isinstance(json.loads(path.read_text()).get(cell.kind), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _run_inprocess(argv: list[str], log: Path) -> str | None:
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            from ahcq.solver.test_quant import main
+
+            main(argv)
+        except SystemExit as err:
+            return None if err.code in (0, None) else str(err.code)
+        except Exception as err:  # a broken cell must not stop the grid; the traceback goes to its log
+            traceback.print_exc(file=f)
+            return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _run_subprocess(argv: list[str], log: Path) -> str | None:
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "ahcq.solver.test_quant", *argv], stdout=f,
+                              stderr=subprocess.STDOUT, check=False)
+    if proc.returncode == 0:
+        return None
+    lines = log.read_text().strip().splitlines()
+    return f"exit {proc.returncode}: {lines[-1] if lines else ''}"
+
+
+def run_cell(cell: Cell, root: Path, threads: int | None, inprocess: bool) -> str | None:
+    """Run one cell; returns None on success, else a one-line reason (details in its log.txt)."""
+    out = cell.out_dir(root)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "q_config.yaml").write_text(cell.q_config_text)
+    argv = cell_argv(cell, root, threads)
+    error = (_run_inprocess if inprocess else _run_subprocess)(argv, out / "log.txt")
+    if error is None and not is_complete(cell, root):
+        error = "finished without a complete results.json"
+    return error
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _render(spec: Spec, only: list[str] | None, root: Path, failed: dict[str, str]) -> dict[str, str]:
+    plans, cells = plan_tables(spec, only)
+    entries = {k: FAILED for k in failed}
+    for key, cell in cells.items():
+        value = cell_value(cell, root, spec.metric)
+        if value is not None:
+            entries[key] = f"{value:.1f}"
+    out = {p.name: render_plan(p, entries) for p in plans}
+    for t in spec.tables:
+        if t.kind == "registers" and (not only or t.name in only):
+            out[t.name] = render_registers(t, bool(spec.run.get("quant_encoder")))
+    return {t.name: out[t.name] for t in spec.tables if t.name in out}
+
+
+def _run_all(todo: list[Cell], root: Path, args: argparse.Namespace) -> dict[str, str]:
+    failed: dict[str, str] = {}
+    bar = tqdm(total=len(todo), desc="cells", unit="cell")
+
+    def one(cell: Cell) -> None:
+        bar.set_postfix_str(f"{cell.model.name}/{cell.slug}")
+        error = run_cell(cell, root, args.threads, inprocess=args.jobs == 1)
+        if error is not None:
+            failed[cell.key] = error
+            tqdm.write(f"FAILED {cell.model.name}/{cell.slug}: {error} (log: {cell.out_dir(root)}/log.txt)")
+        bar.update()
+
+    if args.jobs == 1:
+        for cell in todo:
+            one(cell)
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(one, todo))
+    bar.close()
+    return failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Plan, run the missing cells, render; 0 when every cell has a result, 1 when some failed."""
+    args = _parser().parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"reproduce_tables.py: error: --jobs must be >= 1, got {args.jobs}")
+    try:
+        spec = load_spec(DEMO_SPEC if args.demo else args.spec)
+        known = [t.name for t in spec.tables]
+        for name in args.only or []:
+            if name not in known:
+                raise SpecError(f"--only {name}: no such table in {spec.path}; tables: {', '.join(known)}")
+        plans, cells = plan_tables(spec, args.only)
+    except (SpecError, ConfigError) as err:
+        raise SystemExit(f"reproduce_tables.py: error: {err}") from None
+    root = args.out or Path("runs") / "tables" / spec.path.stem
+    ordered = sorted(cells.values(), key=lambda c: c.kind != "fp")
+    todo = [c for c in ordered if not is_complete(c, root)]
+    if args.dry_run:
+        for c in ordered:
+            state = "pending" if c in todo else "done"
+            print(f"{state:8} {c.model.name}/{c.slug:40} {c.out_dir(root)}")
+        print(f"{len(ordered)} cells, {len(todo)} to run, {len(plans)} run tables")
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    failed = _run_all(todo, root, args)
+    tables = _render(spec, args.only, root, failed)
+    for name, text in tables.items():
+        _write(root / f"{name}.md", text)
+    head = f"# {spec.title}\n\n" + (f"{spec.caption}\n\n" if spec.caption else "")
+    _write(root / "tables.md", head + "\n".join(tables.values()))
+    print(f"wrote {root / 'tables.md'} ({len(tables)} tables, {len(ordered)} cells, {len(todo)} run)")
+    if failed:
+        names = {c.key: f"{c.model.name}/{c.slug}" for c in ordered}
+        print(f"{len(failed)} cell(s) failed:", file=sys.stderr)
+        for key, error in failed.items():
+            print(f"  {names[key]}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
