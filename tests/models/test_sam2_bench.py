@@ -1,17 +1,15 @@
 """tools/bench_sam2.py: arguments, config handling and the section timer (the timing run itself is manual)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from tool_loader import load_tool
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_sam2", ROOT / "tools" / "bench_sam2.py")
-bench_sam2 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_sam2)
+bench_sam2 = load_tool("bench_sam2")
 
 
 def test_arguments_are_validated() -> None:

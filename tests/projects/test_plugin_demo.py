@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 
 import mmcv
 import pytest
 from mmdet.datasets import build_dataset
 from mmdet.models import build_detector
 from plugin_helpers import CONFIGS, REPO, direct_coco_ap, run_mmdet_test
+from tool_loader import load_tool
 
 NUM_IMAGES = 6
 
-
-def _make_demo_data():
-    spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "tools" / "make_demo_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_demo_data"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_tiny_sam_oracle_demo_segments_and_scores_like_cocoeval(monkeypatch, tmp_path):
@@ -28,7 +20,7 @@ def test_tiny_sam_oracle_demo_segments_and_scores_like_cocoeval(monkeypatch, tmp
     if not ckpt.is_file():
         pytest.skip("ckpt/tiny_sam.pth is not committed (tools/train_tiny_sam.py)")
     demo = tmp_path / "demo"  # the first images of the default demo set (each image has its own seed)
-    _make_demo_data().generate(demo, seed=0, num_train=0, num_val=NUM_IMAGES, size=128)
+    load_tool("make_demo_data").generate(demo, seed=0, num_train=0, num_val=NUM_IMAGES, size=128)
     monkeypatch.setenv("AHCQ_DEMO_ROOT", str(demo))
     monkeypatch.setenv("AHCQ_CKPT_DIR", str(ckpt.parent))
     cfg = mmcv.Config.fromfile(str(CONFIGS / "demo" / "tiny_sam_oracle.py"))

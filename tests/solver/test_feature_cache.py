@@ -1,7 +1,6 @@
 """The feature cache: bit-exact encoder inputs, keys that follow the inputs, the prompt source run once."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tool_loader import load_tool
 
 from ahcq.data.shapes import CATEGORIES
 from ahcq.models.tiny_sam import build_tiny_sam
@@ -26,9 +26,7 @@ from projects.instance_segment_anything import DetWrapperInstanceSAM, GTBoxPromp
 from projects.instance_segment_anything.sam_runner import SamImage, prepare_image
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "tools" / "make_demo_data.py")
-make_demo_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_demo_data)
+make_demo_data = load_tool("make_demo_data")
 
 
 class CountingPrompt(GTBoxPrompt):

@@ -6,7 +6,6 @@ directly; quantized runs against the float masks of the same run; the cache by c
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -21,6 +20,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from segment_anything import SamPredictor
+from tool_loader import load_tool
 
 from ahcq.data.shapes import CATEGORIES
 from ahcq.models.tiny_sam import build_tiny_sam
@@ -35,9 +35,7 @@ LABELME = Path("/usr/share/doc/labelme-examples/examples/instance_segmentation/d
 SIZES = dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=4,
              global_attn_indexes=[1], out_chans=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64,
              iou_head_hidden_dim=32)
-_spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "tools" / "make_demo_data.py")
-make_demo_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_demo_data)
+make_demo_data = load_tool("make_demo_data")
 
 
 @PROMPT_SOURCES.register_module(force=True)

@@ -1,10 +1,9 @@
 """The committed testbed checkpoint loads strictly and scores on the regenerated demo val set as recorded."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from tool_loader import load_tool
 
 from ahcq.models.tiny_sam import build_tiny_sam
 
@@ -19,19 +18,12 @@ pytestmark = [
 ]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_committed_checkpoint_scores_as_recorded(tmp_path):
     sidecar = json.loads(CKPT.with_suffix(".json").read_text())
     assert CKPT.stat().st_size <= 10 * 2**20
     sam = build_tiny_sam(**sidecar["build_args"], checkpoint=CKPT)
-    make_demo_data, train_tiny_sam = _load_tool("make_demo_data"), _load_tool("train_tiny_sam")
+    make_demo_data, train_tiny_sam = load_tool("make_demo_data"), load_tool("train_tiny_sam")
     make_demo_data.generate(tmp_path, seed=DEMO_SEED, num_train=0, num_val=DEMO_VAL, size=DEMO_SIZE)
     scores = train_tiny_sam.evaluate(sam, train_tiny_sam.load_split(tmp_path, "val"))
     recorded = sidecar["val_segm_oracle_boxes"]

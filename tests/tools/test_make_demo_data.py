@@ -1,5 +1,4 @@
 """The demo set is valid COCO (checked by pycocotools and by re-measuring decoded masks) and seeded."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,13 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
+from tool_loader import load_tool
 
 from ahcq.data.shapes import CATEGORIES, SceneSpec, draw_scene
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "tools" / "make_demo_data.py")
-make_demo_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_demo_data)
+make_demo_data = load_tool("make_demo_data")
 
 
 def _generate(out: Path, seed: int, num_train: int = 6, num_val: int = 3, size: int = 96) -> Path:

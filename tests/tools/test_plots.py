@@ -1,10 +1,8 @@
 """The plot tools on a small random SAM saved in the official layout, checked against independent references:
 activations re-captured through segment_anything's own SamPredictor, levels re-derived from the exported
 quantizer parameters with the documented formulas, IoU recomputed in numpy, PNGs re-opened with PIL."""
-import importlib.util
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from segment_anything import SamPredictor
+from tool_loader import load_tool
 
 from ahcq.analysis import load_samples
 from ahcq.analysis.figures import DPI, level_figure, mask_overlay_figure, save_png
@@ -23,19 +22,12 @@ SIZES = dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, wind
              iou_head_hidden_dim=32)
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
-
-make_demo_data = _tool("make_demo_data")
-cag_tool = _tool("plot_cag_channels")
-hluq_tool = _tool("plot_hluq_hist")
-lnq_tool = _tool("plot_lnq_hist")
-mask_tool = _tool("plot_mask_overlay")
+make_demo_data = load_tool("make_demo_data")
+cag_tool = load_tool("plot_cag_channels")
+hluq_tool = load_tool("plot_hluq_hist")
+lnq_tool = load_tool("plot_lnq_hist")
+mask_tool = load_tool("plot_mask_overlay")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ numbers worked out by hand from the model sizes.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import textwrap
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tool_loader import load_tool
 
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.tables.grid import load_spec, plan_tables
@@ -27,15 +27,9 @@ SIZES = dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, wind
              iou_head_hidden_dim=32)
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-tool = _load("reproduce_tables")
-make_demo_data = _load("make_demo_data")
+tool = load_tool("reproduce_tables")
+make_demo_data = load_tool("make_demo_data")
 
 
 @pytest.fixture(scope="module")

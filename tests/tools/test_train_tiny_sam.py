@@ -1,28 +1,20 @@
 """Training smoke test: real segment_anything modules learn on the demo data; checkpoints reload strictly."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tool_loader import load_tool
 
 from ahcq.models.tiny_sam import build_tiny_sam
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
-
-make_demo_data = _load_tool("make_demo_data")
-train_tiny_sam = _load_tool("train_tiny_sam")
+make_demo_data = load_tool("make_demo_data")
+train_tiny_sam = load_tool("train_tiny_sam")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 TINY = {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "window_size": 3,
