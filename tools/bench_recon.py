@@ -208,7 +208,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="abc", help="which parts to run (a, b, c)")
     parser.add_argument("--config", type=Path, default=REPO / "exp" / "config44.yaml")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps in (a)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps in (a)")
     parser.add_argument("--global-block", action="store_true", help="(a) on a global-attention block")
     parser.add_argument("--boxes", type=int, default=300)
     parser.add_argument("--images", type=int, default=2, help="(b) images; 32 for the full case")

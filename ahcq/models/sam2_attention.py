@@ -66,8 +66,10 @@ class _Sam2SlottedAttention(SlottedAttention):
         """
         if self._prob_is_identity():
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0)
-        attn = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
-        attn = self.prob_quantizer(attn.softmax(dim=-1), value=v)
+        scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+        # without autograd the probabilities overwrite the scores (same bits, one large buffer fewer)
+        probs = scores.softmax(dim=-1) if scores.requires_grad else torch.softmax(scores, -1, out=scores)
+        attn = self.prob_quantizer(probs, value=v)
         if self.training and self.dropout_p > 0.0:
             attn = F.dropout(attn, self.dropout_p)
         return attn @ v

@@ -362,9 +362,12 @@ class HLUQConfig:
 
 @dataclass(frozen=True)
 class CAGConfig:
-    """Channel-aware grouping schedule; ``groups`` null takes ``ahcptq.group``."""
+    """Channel-aware grouping schedule; ``groups`` null takes ``ahcptq.group``. ``group_range`` (ours): a
+    group's range is the ``envelope`` of its members' ranges, or their ``mean`` (the reference's rule, which
+    clips the wider members of every group)."""
 
     groups: int | None = _opt(None, _optional(_integer(1)))
+    group_range: str = _opt("envelope", _choice(("envelope", "mean")))
     regroup_fractions: tuple[float, ...] = _opt((0.2, 0.4, 0.6, 0.8), _FRACTIONS)
     apply_to_weights: bool = _opt(False, _boolean)
     weight_groups: int = _opt(32, _integer(1))
@@ -686,7 +689,7 @@ def family_extra(qconfig: QConfig, quantizer: str) -> dict[str, Any]:
     if quantizer == "agq":
         return {"taus": qconfig.agq.taus}
     if quantizer == "cag":
-        return {"seed": qconfig.seed}
+        return {"seed": qconfig.seed, "group_range": qconfig.cag.group_range}
     return {}
 
 

@@ -4,7 +4,9 @@ Every family has an encoder (``quantize_*`` -> int32 codes), a decoder (``dequan
 (``fake_quant_*``) with ``fake_quant(x) == dequantize(quantize(x))`` bit for bit: the fake-quant runs the
 same encoder and decodes through the same code (uniform: the same integer-valued float ops; log families:
 the same decode table), and its autograd Function supplies the straight-through gradients for ``x`` and the
-learnable parameters, saving one or two tensors instead of a graph of intermediates.
+learnable parameters: it saves its input and output instead of a graph of intermediates, and its backward
+recomputes the derivatives slice by slice (``_sliced_backward``). ``keep=`` fuses QDrop's float/quantized mix
+into the fake-quant.
 
 The uniform fake-quant is bit-exact with ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``
 (it multiplies by the float32 reciprocal of the scale and rounds half to even, as they do); its gradient for
@@ -12,12 +14,18 @@ The uniform fake-quant is bit-exact with ``torch.fake_quantize_per_tensor_affine
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "NonFiniteInputError",
+    "checking_finite",
     "qrange",
     "qparams_from_minmax",
     "view_along",
@@ -137,7 +145,7 @@ def _broadcast_qparams(
     return view_along(scale, x, axis), view_along(zero_point, x, axis)
 
 
-_Grid = tuple[Tensor, Tensor | float, Tensor | float]
+_Grid = tuple[Tensor | float, Tensor | float, Tensor | float]
 
 
 def _grid(scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> _Grid:
@@ -185,7 +193,7 @@ def _fake_quant_forward(
     return _scale_codes_(codes, scale_b), mask
 
 
-def _scale_codes_(codes: Tensor, scale: Tensor) -> Tensor:
+def _scale_codes_(codes: Tensor, scale: Tensor | float) -> Tensor:
     """Relative codes -> values, in place. The + 0.0 turns the -0.0 that rounding leaves for x in (-s/2, 0)
     into +0.0, as torch's integer arithmetic (and dequantize_uniform) produce; an in-place add is cheaper
     than a fused addcmul here."""
@@ -193,36 +201,58 @@ def _scale_codes_(codes: Tensor, scale: Tensor) -> Tensor:
 
 
 class _FakeQuantUniform(torch.autograd.Function):
-    """Uniform fake-quant; straight-through gradient for x, LSQ gradient for scale."""
+    """Uniform fake-quant; straight-through gradient for x, LSQ gradient for scale. ``keep`` (QDrop): those
+    elements pass through as ``x`` with identity gradient and give the scale none. Saves ``x``, the output
+    and ``keep``; the backward recomputes the in-range mask slice by slice (see ``_sliced_backward``)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None):
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        out, mask = _fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, need_grad)
-        ctx.axis = axis
-        if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(mask, x, out, scale)
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None,
+                keep: Tensor | None):
+        row = _slice_row(x, axis)
+        x = x.contiguous()
+        if row == 0:
+            scale_b, zp_b = _broadcast_qparams(x, scale, zero_point, axis)
+            out = _fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, need_mask=False)[0]
+            _keep_values(keep, x, out)
         else:
-            ctx.save_for_backward(mask)
+            scale_b, zp_b = (t.float().reshape(-1 if row > 1 else ()) for t in (scale, zero_point))
+            grid = _grid(scale_b, zp_b, qmin, qmax)
+            out = torch.empty_like(x)
+
+            def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
+                _scale_codes_(_relative_codes(x_p, scale_b, zp_b, qmin, qmax, False, out_p, grid)[0], scale_b)
+                _keep_values(keep_p, x_p, out_p)
+
+            _fill_slices(fill, [x, keep, out], row)
+        ctx.grid, ctx.row, ctx.axis = (scale_b, zp_b, qmin, qmax), row, axis
+        ctx.save_for_backward(x, out, keep, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        mask = ctx.saved_tensors[0]
-        grad_x = grad * mask if ctx.needs_input_grad[0] else None
+        x, out, keep, scale = ctx.saved_tensors
+        scale_b, zp_b, qmin, qmax = ctx.grid
+        grid = _grid(scale_b, zp_b, qmin, qmax)
+        need_x, need_s = ctx.needs_input_grad[:2]
+
+        def derivatives(x_p: Tensor, out_p: Tensor, keep_p: Tensor | None) -> _Derivatives:
+            # in range (the clamp of _relative_codes leaves the rounded code as it is; a float 0/1 mask, five
+            # times cheaper than a boolean one): d x_hat/dx = 1, d x_hat/ds = (x_hat - x)/s (= round(x/s) -
+            # x/s); clipped: 0 and x_hat/s (= the clamp bound minus z); i.e. (x_hat - x*mask)/s, the 1/s
+            # applied after the reduction
+            inv, lo, hi = grid
+            unclamped = torch.mul(x_p, inv).round_()
+            inside = torch.eq(torch.clamp(unclamped, lo, hi), unclamped, out=unclamped)
+            dscale = torch.sub(out_p, torch.mul(x_p, inside)) if need_s else None
+            return _keep_derivatives(keep_p, inside, [dscale])
+
+        grad_x, (sums,) = _sliced_backward(derivatives, grad, [x, out, keep], ctx.row, ctx.axis, need_x,
+                                           [need_s])
         grad_scale_ = None
-        if ctx.needs_input_grad[1]:
-            _, x, out, scale = ctx.saved_tensors
-            # d x_hat / ds with STE: (x_hat - x)/s in range (= round(x/s) - x/s), x_hat/s (= the clamp bound
-            # minus z) when clipped; i.e. (x_hat - x*mask)/s, with 1/s applied after the reduction.
-            dscale = torch.mul(x, mask)
-            torch.sub(out, dscale, out=dscale).mul_(grad)
-            if ctx.axis is None:
-                grad_scale_ = (dscale.sum() * (1.0 / scale.reshape(()))).reshape(scale.shape)
-            else:
-                dims = [d for d in range(x.dim()) if d != ctx.axis]
-                grad_scale_ = dscale.sum(dim=dims) * (1.0 / scale)
-        return grad_x, grad_scale_, None, None, None, None
+        if need_s:
+            inverse = 1.0 / scale.reshape(-1 if ctx.axis is not None else ())
+            grad_scale_ = (sums * inverse).reshape(scale.shape)
+        return grad_x, grad_scale_, None, None, None, None, None
 
 
 def _uniform_args(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None):
@@ -246,32 +276,39 @@ def _uniform_args(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
 
 
 def fake_quant_uniform(
-    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None,
+    keep: Tensor | None = None,
 ) -> Tensor:
     """``s*(clamp(round(x*(1/s)) + z, qmin, qmax) - z)``, bit-exact with torch's fake-quant ops.
 
     Gradients: straight-through for ``x`` inside the range, LSQ for ``scale`` (wrap it in ``grad_scale``
-    for the LSQ factor). The zero point is not learnable.
+    for the LSQ factor). The zero point is not learnable. ``keep`` (QDrop): a boolean mask of ``x``'s shape
+    whose elements stay float; the result is ``where(keep, x, fake_quant(x))``, values and gradients.
     """
     ax = _uniform_args(x, scale, zero_point, qmin, qmax, axis)
     if zero_point.requires_grad:
         raise ValueError("fake_quant_uniform: zero_point is not learnable; pass it detached")
+    if keep is not None and not _needs_grad(x, scale):
+        quantized = fake_quant_uniform(x, scale, zero_point, qmin, qmax, axis)
+        return torch.where(_check_keep(keep, x), x, quantized)
+    keep = _check_keep(keep, x)
     if not _needs_grad(x, scale):
         xf, scale = x.float(), scale.float()
         if xf.device.type == "cpu" and ax is None:
-            scale_b, zp_b = _broadcast_qparams(xf, scale, zero_point, None)
-            grid = _grid(scale_b, zp_b, qmin, qmax)
+            # the grid as Python floats (the same float32 values): the cheapest scalar operands
+            s, z = _item(scale), _item(zero_point)
+            grid = (_item(1.0 / scale), qmin - z, qmax - z)
 
             def fill(part: Tensor, into: Tensor) -> None:
-                _scale_codes_(_relative_codes(part, scale_b, zp_b, qmin, qmax, False, into, grid)[0], scale_b)
+                _scale_codes_(_relative_codes(part, scale, zero_point, qmin, qmax, False, into, grid)[0], s)
 
             out = _sliced(fill, xf)
         else:
             out = _fake_quant_forward(xf, scale, zero_point, qmin, qmax, ax, need_mask=False)[0]
         return out.to(x.dtype)
     if x.dtype != torch.float32:
-        return _FakeQuantUniform.apply(x.float(), scale.float(), zero_point, qmin, qmax, ax).to(x.dtype)
-    return _FakeQuantUniform.apply(x, scale.float(), zero_point, qmin, qmax, ax)
+        return _FakeQuantUniform.apply(x.float(), scale.float(), zero_point, qmin, qmax, ax, keep).to(x.dtype)
+    return _FakeQuantUniform.apply(x, scale.float(), zero_point, qmin, qmax, ax, keep)
 
 
 @torch.no_grad()
@@ -324,31 +361,117 @@ def _lookup(levels: Tensor, codes: Tensor, into: Tensor | None = None) -> Tensor
     return into
 
 
+class NonFiniteInputError(ValueError):
+    """NaN or Inf in the input of a fake-quant called inside ``checking_finite``."""
+
+
+class _FiniteCheck:
+    """The state of one ``checking_finite`` block: ``done`` once a fake-quant has checked its input."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def verify(self, x: Tensor) -> None:
+        """Raise ``NonFiniteInputError`` if ``x`` holds NaN or Inf: one reduction, and the elementwise test
+        only when the sum is not finite (finite values can overflow it)."""
+        if not math.isfinite(_item(x.sum())) and not bool(torch.isfinite(x).all()):
+            raise NonFiniteInputError("NaN or Inf input")
+
+
+_FINITE_CHECK: ContextVar[_FiniteCheck | None] = ContextVar("ahcq_finite_check", default=None)
+
+
+@contextmanager
+def checking_finite() -> Iterator[_FiniteCheck]:
+    """Within the block, the fake-quants without autograd reject NaN/Inf input (``NonFiniteInputError``)
+    before encoding it: on CPU slice by slice, one reduction over each cache-resident slice just before its
+    encoder reads it (instead of a separate pass over the whole input), elsewhere the table-decoded families
+    over the whole input first. The yielded check's ``done`` says whether a fake-quant checked; other paths
+    (autograd; uniform per channel or off CPU, which carry NaN through) leave the check to the caller."""
+    token = _FINITE_CHECK.set(_FiniteCheck())
+    try:
+        yield _FINITE_CHECK.get()
+    finally:
+        _FINITE_CHECK.reset(token)
+
+
 def _sliced(fill: Callable[[Tensor, Tensor], object], x: Tensor) -> Tensor:
-    """``fill(x_part, out_part)`` over slices of at most ``_SLICE`` elements of the flattened ``x`` (CPU,
-    no autograd). The many elementwise passes of an encoder then run on cache-resident temporaries, which
-    the allocator reuses instead of mapping fresh pages (page faults cost as much as the arithmetic); 2^16
-    elements measured best, 2^15 and 2^17 within 10 %. A permuted dense tensor (a transposed view) is walked
-    in memory order and the result has its layout, as torch's elementwise ops give; other layouts are copied
-    first."""
+    """``fill(x_part, out_part)`` over slices of at most ``_SLICE`` elements of ``x`` (CPU, no autograd).
+    The many elementwise passes of an encoder then run on cache-resident temporaries, which the allocator
+    reuses instead of mapping fresh pages (page faults cost as much as the arithmetic); 2^16 elements
+    measured best, 2^15 and 2^17 within 10 %. A permuted dense tensor (a transposed view) is walked in
+    memory order and the result has its layout, as torch's elementwise ops give; any other layout (a slice
+    of a wider tensor, e.g. q out of a qkv projection) is walked in blocks of whole trailing dimensions
+    (``_blocks``) straight into a contiguous result, so it is read once instead of being copied first.
+    Inside ``checking_finite`` each slice is checked before ``fill`` reads it."""
+    check = _FINITE_CHECK.get()
     order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
     dense = x.permute(order)
-    if not dense.is_contiguous():
-        order, dense = list(range(x.dim())), x.contiguous()
-    out = torch.empty_like(dense)
-    flat_x, flat_out = dense.view(-1), out.view(-1)
-    for start in range(0, flat_x.numel(), _SLICE):
-        fill(flat_x[start:start + _SLICE], flat_out[start:start + _SLICE])
-    return out.permute(sorted(range(x.dim()), key=order.__getitem__))
+    if dense.is_contiguous():
+        out = torch.empty_like(dense)
+        flat_x, flat_out = dense.view(-1), out.view(-1)
+        parts: Iterator[tuple[Tensor, Tensor]] = (
+            (flat_x[start:start + _SLICE], flat_out[start:start + _SLICE])
+            for start in range(0, flat_x.numel(), _SLICE)
+        )
+        result = out.permute(sorted(range(x.dim()), key=order.__getitem__))
+    else:
+        result = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        parts = _blocks(x, result)
+    for part, out_part in parts:
+        if check is not None:
+            check.verify(part)
+        fill(part, out_part)
+    if check is not None:
+        check.done = True
+    return result
 
 
-def _fake_quant_values(encode: Callable[[Tensor], Tensor], levels: Tensor, x: Tensor) -> Tensor:
-    """A table-decoded fake-quant without autograd: ``encode`` (float codes in a fresh tensor it owns) then
-    the lookup, into the codes' own storage; on CPU slice by slice (``_sliced``)."""
+def _blocks(x: Tensor, out: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """Aligned slices of ``x`` (any layout) and of the contiguous ``out`` of its shape, at most ``_SLICE``
+    elements each: the trailing dimensions that fit in a slice whole, a range of the dimension before them,
+    every index of the dimensions before that. The ``out`` slices are contiguous."""
+    if x.numel() == 0:
+        return
+    start, inner = x.dim(), 1
+    while start > 0 and inner * x.shape[start - 1] <= _SLICE:
+        start -= 1
+        inner *= x.shape[start]
+    if start == 0:
+        yield x, out
+        return
+    chunk_dim, step = start - 1, max(1, _SLICE // inner)
+    for lead in itertools.product(*(range(n) for n in x.shape[:chunk_dim])):
+        x_lead, out_lead = x[lead], out[lead]
+        for begin in range(0, x.shape[chunk_dim], step):
+            yield x_lead[begin:begin + step], out_lead[begin:begin + step]
+
+
+Encoder = Callable[[Tensor, Tensor], Tensor]
+"""``encode(x, out)``: the float codes of ``x``, written into ``out`` (float32, ``x``'s shape), returned."""
+
+
+def _codes_buffer(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+
+def _fake_quant_values(encode: Encoder, levels: Tensor, x: Tensor) -> Tensor:
+    """A table-decoded fake-quant without autograd: ``encode`` into the output buffer, then the lookup into
+    the same storage; on CPU slice by slice (``_sliced``)."""
     if x.device.type != "cpu":
-        code = encode(x)
+        check = _FINITE_CHECK.get()
+        if check is not None:  # NaN codes would index outside the table
+            check.verify(x)
+            check.done = True
+        code = encode(x, _codes_buffer(x))
         return _lookup(levels, code, into=code)
-    return _sliced(lambda part, out: _lookup(levels, encode(part), into=out), x)
+    return _sliced(lambda part, out: _lookup(levels, encode(part, out), into=out), x)
+
+
+def _floor_code(encode: Encoder, device: torch.device) -> float:
+    """The code ``encode`` gives ``_LOG_FLOOR``, the value a log encoder clamps every input ``<= 0`` to."""
+    floor = torch.full((1,), _LOG_FLOOR, device=device)
+    return float(encode(floor, torch.empty_like(floor)))
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
@@ -363,22 +486,137 @@ def _sum_like(t: Tensor, param: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# training (autograd) paths: forward and backward in slices, QDrop's keep mask
+
+
+def _check_keep(keep: Tensor | None, x: Tensor) -> Tensor | None:
+    """A QDrop mask: boolean, of ``x``'s shape and device; returned contiguous."""
+    if keep is None:
+        return None
+    if keep.dtype != torch.bool or keep.shape != x.shape or keep.device != x.device:
+        raise ValueError(f"keep must be a boolean mask of x's shape {tuple(x.shape)} on {x.device}, got "
+                         f"{keep.dtype} {tuple(keep.shape)} on {keep.device}")
+    return keep.contiguous()
+
+
+def _slice_row(x: Tensor, axis: int | None) -> int:
+    """How an autograd fake-quant walks ``x``: ``1``: in slices of the flattened tensor (CPU, per-tensor
+    parameters); ``C``: in slices of whole rows (CPU, per-channel parameters on the last axis); ``0``: in
+    one piece (CUDA, whose fused kernels do not gain from it, or another channel axis)."""
+    if x.device.type != "cpu":
+        return 0
+    if axis is None:
+        return 1
+    return x.shape[-1] if axis % x.dim() == x.dim() - 1 and x.numel() else 0
+
+
+def _fill_slices(fill: Callable[..., object], tensors: Sequence[Tensor | None], row: int) -> None:
+    """``fill(*parts)`` over aligned slices of contiguous tensors of one shape (``None`` stays ``None``),
+    each at most ``_SLICE`` elements of whole rows of ``row`` elements (``row = 0``: one call on the whole
+    tensors). A fake-quant's dozens of elementwise passes then run on cache-resident temporaries; only the
+    outputs are written to memory (see ``_sliced``)."""
+    if row == 0:
+        fill(*tensors)
+        return
+    views = [None if t is None else t.view(-1) if row == 1 else t.view(-1, row) for t in tensors]
+    step = _SLICE if row == 1 else max(1, _SLICE // row)
+    for start in range(0, views[0].shape[0], step):
+        fill(*(None if v is None else v[start:start + step] for v in views))
+
+
+def _keep_values(keep: Tensor | None, x: Tensor, out: Tensor) -> None:
+    """QDrop in a forward: ``out`` becomes ``x`` where ``keep``. Float 0/1 products instead of a boolean
+    select (``where``/``masked_fill`` cost thirty times more on CPU); exact, both operands being finite."""
+    if keep is not None:
+        kept = _float_mask(keep, out)
+        out.mul_(torch.sub(1.0, kept)).addcmul_(x, kept)
+
+
+def _keep_derivatives(keep: Tensor | None, slope: Tensor, param_grads: list[Tensor | None]
+                      ) -> tuple[Tensor, list[Tensor | None]]:
+    """QDrop in a backward: where ``keep``, the derivative for ``x`` is 1 and for every parameter 0."""
+    if keep is None:
+        return slope, param_grads
+    kept = _float_mask(keep, slope)
+    quantized = torch.sub(1.0, kept)
+    for t in param_grads:
+        if t is not None:
+            t.mul_(quantized)
+    return slope.mul_(quantized).add_(kept), param_grads
+
+
+def _float_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """A boolean mask as float 0/1 (through uint8: six times cheaper than from bool on CPU)."""
+    return torch.empty_like(like).copy_(mask.view(torch.uint8))
+
+
+_Derivatives = tuple[Tensor, list[Tensor | None]]
+"""``(dy/dx, [dy/dparam or None])`` of a slice, for ``_sliced_backward``."""
+
+
+def _sliced_backward(
+    derivatives: Callable[..., _Derivatives], grad: Tensor, saved: Sequence[Tensor | None], row: int,
+    axis: int | None, need_x: bool, need_params: Sequence[bool],
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """The backward of a fake-quant whose forward saved only its inputs and output: ``derivatives(*parts of
+    saved)`` recomputes ``(dy/dx, [dy/dparam, or None where not needed])`` for a slice (``row`` as in
+    ``_fill_slices``), and this returns ``grad * dy/dx`` (``None`` unless ``need_x``) and, per parameter,
+    ``sum(grad * dy/dparam)`` (``None`` unless needed) reduced to the parameter: a scalar (``axis=None``) or
+    per channel of ``axis``. Recomputing costs a few cache-resident passes; saving the derivatives would
+    cost writing and reading whole tensors."""
+    grad = grad.contiguous()
+    grad_x = torch.empty_like(grad) if need_x else None
+    if row == 0:
+        slope, ds = derivatives(*saved)
+        if grad_x is not None:
+            torch.mul(grad, slope, out=grad_x)
+        dims = [] if axis is None else [d for d in range(grad.dim()) if d != axis % grad.dim()]
+        return grad_x, [None if d is None else (grad * d).sum() if axis is None else (grad * d).sum(dim=dims)
+                        if dims else grad * d for d in ds]
+    shape = (row,) if row > 1 else ()
+    sums = [grad.new_zeros(shape, dtype=torch.float64) if need else None for need in need_params]
+
+    def fill(g: Tensor, gx: Tensor | None, *parts: Tensor | None) -> None:
+        slope, ds = derivatives(*parts)
+        if gx is not None:
+            torch.mul(g, slope, out=gx)
+        for total, d in zip(sums, ds):
+            if total is not None:
+                total += torch.dot(g, d) if row == 1 else torch.mul(g, d).sum(0)
+
+    _fill_slices(fill, [grad, grad_x, *saved], row)
+    return grad_x, [None if t is None else t.float() for t in sums]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # adaptive-granularity log (AGQ) and power-of-two (log2 = AGQ with tau = 1)
 #
 # The log families' fake-quants are autograd Functions: the forward is the encoder followed by the decoder
 # (so it equals dequantize(quantize(x)) bit for bit) and the backward is the straight-through derivative of
-# the decoder written out, which saves one or two tensors instead of the graph of every intermediate.
+# the decoder written out, recomputed from the saved input and output.
 
 
-def _encode_agq(x: Tensor, scale: Tensor, tau: float, bits: int, aux: bool) -> tuple[Tensor, Tensor | None]:
-    """Float codes and, when ``aux`` (the gradients need it), the rounded exponent ``k`` before clipping;
-    without ``aux`` the codes overwrite ``k``."""
+def _agq_encoder(scale: Tensor, tau: float, bits: int) -> Encoder:
+    """The AGQ encoder (float codes), shared by ``quantize_agq`` and the fake-quants so that they agree bit
+    for bit: ``k = round(-tau*(log2(x) - log2(scale)))`` with ``log2(x)`` floored at ``_LOG_FLOOR``; the
+    code ``top - k`` clipped to ``[0, top]`` is computed as the equal ``top + round(tau*d)`` (rounding half to
+    even is odd-symmetric). The scalar ``log2(scale)`` is computed once per call, and the ``x > 0`` mask is
+    skipped when the floor, where every ``x <= 0`` lands, already has code 0 (any scale above about
+    ``2^-110``)."""
     top = 2**bits - 1
-    k = torch.clamp(x, min=_LOG_FLOOR).log2_().sub_(torch.log2(scale)).mul_(-tau).round_()
-    # top - k clamped to [0, top]: k < 0 clips to the top code, k >= top underflows to 0; x <= 0 -> 0 by a
-    # float 0/1 product (a boolean masked fill is several times slower on CPU)
-    code = (k.neg() if aux else k.neg_()).add_(top).clamp_(0, top)
-    return code.mul_(torch.gt(x, 0.0, out=torch.empty_like(code))), (k if aux else None)
+    log2_scale = _item(torch.log2(scale))
+
+    def unmasked(x: Tensor, out: Tensor) -> Tensor:
+        code = torch.clamp(x, min=_LOG_FLOOR, out=out).log2_().sub_(log2_scale).mul_(tau).round_()
+        return code.add_(top).clamp_(0, top)
+
+    if not _floor_code(unmasked, scale.device):
+        return unmasked
+
+    def masked(x: Tensor, out: Tensor) -> Tensor:
+        return unmasked(x, out).mul_(torch.gt(x, 0.0, out=torch.empty_like(out)))
+
+    return masked
 
 
 def _decode_agq(code: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
@@ -389,27 +627,41 @@ def _decode_agq(code: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
 
 class _FakeQuantAGQ(torch.autograd.Function):
     """With ``k`` straight-through, ``y = s*2^(-k/tau)`` has ``dy/dx = y/x`` and ``dy/ds = 0`` on the grid;
-    values clipped to ``s`` (``k < 0``) have ``dy/ds = 1``; underflows to 0 have no gradient."""
+    values clipped to ``s`` (``k < 0``) have ``dy/ds = 1``; underflows to 0 have no gradient. ``keep``: QDrop
+    (see ``_FakeQuantUniform``). Forward: the shared encoder and table; backward: ``-k`` recomputed."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
-        code, k = _encode_agq(x, scale, tau, bits, aux=True)
-        out = _lookup(_levels(_decode_agq, bits, x.device, scale, tau, bits), code)
-        slope = None
-        if ctx.needs_input_grad[0]:
-            off_grid = code == 0
-            off_grid |= k < 0
-            slope = torch.div(out, x).masked_fill_(off_grid, 0.0)
-        clipped = (k < 0) & (x > 0) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(slope, clipped, scale)
+    def forward(ctx, x: Tensor, scale: Tensor, tau: float, bits: int, keep: Tensor | None) -> Tensor:
+        levels = _levels(_decode_agq, bits, x.device, scale, tau, bits)
+        encode = _agq_encoder(scale, tau, bits)
+        x = x.contiguous()
+        out = torch.empty_like(x)
+
+        def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
+            _lookup(levels, encode(x_p, out_p), into=out_p)
+            _keep_values(keep_p, x_p, out_p)
+
+        ctx.row, ctx.tau, ctx.log2_scale = _slice_row(x, None), tau, _item(torch.log2(scale))
+        _fill_slices(fill, [x, keep, out], ctx.row)
+        ctx.save_for_backward(x, out, keep)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        slope, clipped, scale = ctx.saved_tensors
-        grad_x = grad * slope if ctx.needs_input_grad[0] else None
-        grad_s = _sum_like(grad * clipped, scale) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_s, None, None
+        x, out, keep = ctx.saved_tensors
+        tau, log2_scale, need_s = ctx.tau, ctx.log2_scale, ctx.needs_input_grad[1]
+
+        def derivatives(x_p: Tensor, out_p: Tensor, keep_p: Tensor | None) -> _Derivatives:
+            minus_k = torch.clamp(x_p, min=_LOG_FLOOR).log2_().sub_(log2_scale).mul_(tau).round_()
+            # on the grid (k >= 0; y = 0 for code 0 and for x <= 0, where the clamp keeps the ratio finite)
+            slope = torch.div(out_p, torch.clamp(x_p, min=_LOG_FLOOR))
+            slope.mul_(torch.le(minus_k, 0.0, out=torch.empty_like(slope)))
+            clipped = torch.gt(minus_k, 0.0, out=minus_k) if need_s else None  # k < 0 implies x > 0
+            return _keep_derivatives(keep_p, slope, [clipped])
+
+        grad_x, (grad_s,) = _sliced_backward(derivatives, grad, [x, out, keep], ctx.row, None,
+                                             ctx.needs_input_grad[0], [need_s])
+        return grad_x, grad_s, None, None, None
 
 
 def _agq_scale(scale: Tensor | float, tau: float, bits: int, device: torch.device) -> Tensor:
@@ -430,7 +682,7 @@ def quantize_agq(x: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
     log2 at 7-8 bits) cannot be represented and do not round-trip.
     """
     scale = _agq_scale(scale, tau, bits, x.device)
-    return _encode_agq(x.float(), scale, tau, bits, aux=False)[0].to(torch.int32)
+    return _agq_encoder(scale, float(tau), bits)(x.float(), _codes_buffer(x)).to(torch.int32)
 
 
 def dequantize_agq(codes: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
@@ -439,14 +691,17 @@ def dequantize_agq(codes: Tensor, scale: Tensor, tau: float, bits: int) -> Tenso
     return _lookup(_levels(_decode_agq, bits, codes.device, scale, tau, bits), codes)
 
 
-def fake_quant_agq(x: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
-    """AGQ fake-quant; STE gradients reach ``x`` and ``scale`` (only through clipped values)."""
+def fake_quant_agq(x: Tensor, scale: Tensor, tau: float, bits: int, keep: Tensor | None = None) -> Tensor:
+    """AGQ fake-quant; STE gradients reach ``x`` and ``scale`` (only through clipped values). ``keep``:
+    QDrop, as in ``fake_quant_uniform``."""
     scale = _agq_scale(scale, tau, bits, x.device)
+    if keep is not None and not _needs_grad(x, scale):
+        return torch.where(_check_keep(keep, x), x, fake_quant_agq(x, scale, tau, bits))
+    keep = _check_keep(keep, x)
     if not _needs_grad(x, scale):
         levels = _levels(_decode_agq, bits, x.device, scale, tau, bits)
-        return _fake_quant_values(lambda t: _encode_agq(t, scale, float(tau), bits, aux=False)[0], levels,
-                                  x.float())
-    return _FakeQuantAGQ.apply(x.float(), scale, float(tau), bits)
+        return _fake_quant_values(_agq_encoder(scale, float(tau), bits), levels, x.float())
+    return _FakeQuantAGQ.apply(x.float(), scale, float(tau), bits, keep)
 
 
 def quantize_log2(x: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -468,12 +723,17 @@ def fake_quant_log2(x: Tensor, scale: Tensor, bits: int) -> Tensor:
 # log-transform nonlinear quantization (LNQ)
 
 
-def _encode_lnq(x: Tensor, clip: Tensor, alpha: Tensor, bits: int, aux: bool) -> tuple[Tensor, Tensor | None]:
-    """Float codes and, when ``aux`` (the gradients need it), the transformed value ``t`` in ``[0, 1]``
-    before rounding; without ``aux`` the codes overwrite ``t``."""
+def _lnq_encoder(clip: Tensor, alpha: Tensor, bits: int) -> Encoder:
+    """The LNQ encoder (float codes ``round(ln(1+a*x)/ln(1+a*clip)*(L-1))``, ``x`` clipped to ``[0, clip]``),
+    shared by ``quantize_lnq`` and the fake-quants so that they agree bit for bit: the denominator is
+    computed once per call and the clip is one clamp."""
     top = 2**bits - 1
-    t = torch.minimum(x, clip).clamp_(min=0.0).mul_(alpha).log1p_().div_(torch.log1p(alpha * clip))
-    return (torch.mul(t, top) if aux else t.mul_(top)).round_(), (t if aux else None)
+    clip_f, alpha_f, denom = _item(clip), _item(alpha), _item(torch.log1p(alpha * clip))
+
+    def encode(x: Tensor, out: Tensor) -> Tensor:
+        return torch.clamp(x, 0.0, clip_f, out=out).mul_(alpha_f).log1p_().div_(denom).mul_(top).round_()
+
+    return encode
 
 
 def _decode_lnq(code: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
@@ -484,28 +744,48 @@ def _decode_lnq(code: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
 class _FakeQuantLNQ(torch.autograd.Function):
     """With ``c = round(t*(L-1))`` straight-through, ``t = ln(1+a*x)/D``, ``D = ln(1+a*clip)`` and
     ``y = (exp(c*D/(L-1)) - 1)/a``: ``dy/dx = (1+a*y)/(1+a*x)`` for ``0 <= x <= clip``, and
-    ``dy/dclip = (1+a*y)/(1+a*clip) * (c/(L-1) - t + [x > clip])``."""
+    ``dy/dclip = (1+a*y)/(1+a*clip) * (c/(L-1) - t + [x > clip])``. ``keep``: QDrop (see
+    ``_FakeQuantUniform``). Forward: the shared encoder and table; backward: ``c`` and ``t`` recomputed."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
-        code, t = _encode_lnq(x, clip, alpha, bits, aux=True)
-        out = _lookup(_levels(_decode_lnq, bits, x.device, clip, alpha, bits), code)
-        growth = alpha * out + 1.0
-        slope = dclip = None
-        if ctx.needs_input_grad[0]:
-            inside = (x >= 0) & (x <= clip)
-            slope = torch.where(inside, growth / (alpha * x + 1.0), torch.zeros_like(out))
-        if ctx.needs_input_grad[1]:
-            dclip = growth / (alpha * clip + 1.0) * (code / (2**bits - 1) - t + (x > clip).float())
-        ctx.save_for_backward(slope, dclip, clip)
+    def forward(ctx, x: Tensor, clip: Tensor, alpha: Tensor, bits: int, keep: Tensor | None) -> Tensor:
+        levels = _levels(_decode_lnq, bits, x.device, clip, alpha, bits)
+        encode = _lnq_encoder(clip, alpha, bits)
+        x = x.contiguous()
+        out = torch.empty_like(x)
+
+        def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
+            _lookup(levels, encode(x_p, out_p), into=out_p)
+            _keep_values(keep_p, x_p, out_p)
+
+        ctx.row, ctx.encode, ctx.top = _slice_row(x, None), encode, 2**bits - 1
+        _fill_slices(fill, [x, keep, out], ctx.row)
+        ctx.save_for_backward(x, out, keep, clip, alpha)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        slope, dclip, clip = ctx.saved_tensors
-        grad_x = grad * slope if ctx.needs_input_grad[0] else None
-        grad_clip = _sum_like(grad * dclip, clip) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_clip, None, None
+        x, out, keep, clip, alpha = ctx.saved_tensors
+        clip_f, alpha_f, depth = _item(clip), _item(alpha), _item(torch.log1p(alpha * clip))
+        growth_clip, need_clip = _item(alpha * clip + 1.0), ctx.needs_input_grad[1]
+
+        def derivatives(x_p: Tensor, out_p: Tensor, keep_p: Tensor | None) -> _Derivatives:
+            growth = torch.mul(out_p, alpha_f).add_(1.0)
+            # inside [0, clip]; outside, the denominator is kept finite and the slope masked
+            inside = torch.ge(x_p, 0.0, out=torch.empty_like(x_p))
+            inside.mul_(torch.le(x_p, clip_f, out=torch.empty_like(x_p)))
+            slope = torch.div(growth, torch.clamp(x_p, min=0.0).mul_(alpha_f).add_(1.0)).mul_(inside)
+            dclip = None
+            if need_clip:
+                t = torch.minimum(x_p, clip).clamp_(min=0.0).mul_(alpha_f).log1p_().div_(depth)
+                code = ctx.encode(x_p, inside)  # the mask's storage, no longer needed
+                dclip = code.div_(ctx.top).sub_(t).add_(torch.gt(x_p, clip_f, out=t))
+                dclip.mul_(growth.div_(growth_clip))
+            return _keep_derivatives(keep_p, slope, [dclip])
+
+        grad_x, (grad_clip,) = _sliced_backward(derivatives, grad, [x, out, keep], ctx.row, None,
+                                                ctx.needs_input_grad[0], [need_clip])
+        return grad_x, grad_clip, None, None, None
 
 
 def _lnq_params(clip: Tensor | float, alpha: Tensor | float, bits: int, device: torch.device):
@@ -521,7 +801,7 @@ def _lnq_params(clip: Tensor | float, alpha: Tensor | float, bits: int, device: 
 def quantize_lnq(x: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
     """LNQ codes ``round(ln(1+a*x)/ln(1+a*clip)*(L-1))``, ``x`` clipped to ``[0, clip]``: exactly L codes."""
     clip, alpha = _lnq_params(clip, alpha, bits, x.device)
-    return _encode_lnq(x.float(), clip, alpha, bits, aux=False)[0].to(torch.int32)
+    return _lnq_encoder(clip, alpha, bits)(x.float(), _codes_buffer(x)).to(torch.int32)
 
 
 def dequantize_lnq(codes: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
@@ -530,52 +810,55 @@ def dequantize_lnq(codes: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Ten
     return _lookup(_levels(_decode_lnq, bits, codes.device, clip, alpha, bits), codes)
 
 
-def fake_quant_lnq(x: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
-    """LNQ fake-quant; STE gradients reach ``x`` (inside ``[0, clip]``) and ``clip``; ``alpha`` is fixed."""
+def fake_quant_lnq(x: Tensor, clip: Tensor, alpha: Tensor, bits: int, keep: Tensor | None = None) -> Tensor:
+    """LNQ fake-quant; STE gradients reach ``x`` (inside ``[0, clip]``) and ``clip``; ``alpha`` is fixed.
+    ``keep``: QDrop, as in ``fake_quant_uniform``."""
     clip, alpha = _lnq_params(clip, alpha, bits, x.device)
     if alpha.requires_grad:
         raise ValueError("fake_quant_lnq: alpha is not learnable; pass it detached")
+    if keep is not None and not _needs_grad(x, clip):
+        return torch.where(_check_keep(keep, x), x, fake_quant_lnq(x, clip, alpha, bits))
+    keep = _check_keep(keep, x)
     if not _needs_grad(x, clip):
         levels = _levels(_decode_lnq, bits, x.device, clip, alpha, bits)
-        return _fake_quant_values(lambda t: _encode_lnq(t, clip, alpha, bits, aux=False)[0], levels,
-                                  x.float())
-    return _FakeQuantLNQ.apply(x.float(), clip, alpha, bits)
+        return _fake_quant_values(_lnq_encoder(clip, alpha, bits), levels, x.float())
+    return _FakeQuantLNQ.apply(x.float(), clip, alpha, bits, keep)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # hybrid log-uniform quantization (HLUQ)
 
 
-def _encode_hluq(
-    x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int, aux: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Float codes and, when ``aux`` (the gradients need them), the uniform-region mask, the uniform step
-    position ``v = (u - s1)/s2``, its rounded value and the rounded log exponent ``k``, both before clipping.
-
-    Both regions are encoded for every element with one ``log2`` and no branch: the log code
-    ``clamp(n_log-1-k, 0, n_log-1)`` (0 also for ``u <= 0``) and the uniform code, zeroed outside its region,
-    are merged by ``maximum`` (uniform codes are ``>= n_log``, log codes ``< n_log``). Masks are float
-    0/1 products, much cheaper on CPU than boolean selects; without ``aux`` every step is in place.
+def _hluq_encoder(x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int) -> Encoder:
+    """The HLUQ encoder (float codes), shared by ``quantize_hluq`` and the fake-quants so that they agree bit
+    for bit. ``u = x - x_min``; log code ``clamp(n_log-1 + round(log2(u) - log2(s1)), 0, n_log-1)`` with
+    ``log2(u)`` floored at ``_LOG_FLOOR`` (``n_log-1-k``, rounding half to even being odd-symmetric); above
+    the region switch ``u > s1 + s2/2`` the uniform step ``j = clamp(round((u - s1)/s2), 1, L-n_log)`` is
+    added. Both regions are encoded for every element with no branch: above the switch (``u > s1``) the
+    clamped log code is always ``n_log-1``, so ``j`` is added under the float 0/1 region mask (one
+    ``addcmul``; boolean selects are several times slower on CPU). The scalars ``log2(s1)`` and the switch
+    are computed once per call; the ``u > 0`` mask is skipped when the floor, where every ``u <= 0`` lands,
+    already has code 0 (any ``s1`` above about ``2^-118``).
     """
-    top = n_log - 1
-    u = x - x_min
-    log_u = torch.clamp(u, min=_LOG_FLOOR).log2_()
-    if aux:
-        k = torch.sub(torch.log2(s1), log_u, out=log_u).round_()
-        code = k.neg()
-    else:  # n_log-1-k as n_log-1 + round(log2(u) - log2(s1)): rounding half to even is odd-symmetric
-        k, code = None, log_u.sub_(torch.log2(s1)).round_()
-    mask = torch.gt(u, 0.0, out=torch.empty_like(u))
-    code.add_(top).clamp_(0, top).mul_(mask)
-    in_uniform = torch.gt(u, s1 + s2 / 2, out=torch.empty_like(u) if aux else mask)
-    v = torch.sub(u, s1, out=None if aux else u).div_(s2)
-    rounded = torch.round(v) if aux else v.round_()
-    uniform_code = torch.clamp(rounded, 1, 2**bits - n_log) if aux else rounded.clamp_(1, 2**bits - n_log)
-    uniform_code.add_(top).mul_(in_uniform)
-    code = torch.maximum(uniform_code, code, out=code)
-    if not aux:
-        return code, None, None, None, None
-    return code, in_uniform.bool(), v, rounded, k
+    top, steps = n_log - 1, 2**bits - n_log
+    x_min_f, s1_f, s2_f = _item(x_min), _item(s1), _item(s2)
+    log2_s1, switch = _item(torch.log2(s1)), _item(s1 + s2 / 2)
+
+    def log_code(u: Tensor, out: Tensor) -> Tensor:
+        return torch.clamp(u, min=_LOG_FLOOR, out=out).log2_().sub_(log2_s1).round_().add_(top).clamp_(0, top)
+
+    floor_masked = _floor_code(log_code, x_min.device) != 0
+
+    def encode(x: Tensor, out: Tensor) -> Tensor:
+        u = torch.sub(x, x_min_f, out=torch.empty_like(out))
+        code = log_code(u, out)
+        mask = torch.empty_like(out)
+        if floor_masked:
+            code.mul_(torch.gt(u, 0.0, out=mask))
+        in_uniform = torch.gt(u, switch, out=mask)
+        return code.addcmul_(u.sub_(s1_f).div_(s2_f).round_().clamp_(1, steps), in_uniform)
+
+    return encode
 
 
 def _decode_hluq(code: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int) -> Tensor:
@@ -590,37 +873,61 @@ class _FakeQuantHLUQ(torch.autograd.Function):
     uniform region on the grid (``1 <= round(v) <= L-n_log``): ``dy/dx = 1``, ``dy/ds2 = round(v) - v``;
     uniform region clipped: ``dy/ds1 = 1``, ``dy/ds2 = j``; log region on the grid (``0 <= k < n_log-1``):
     ``dy/dx = (y - x_min)/u`` (``s1`` cancels); log region clipped to ``s1`` (``k < 0``): ``dy/ds1 = 1``;
-    underflow to ``x_min``: none. Always ``dy/dx_min = 1 - dy/dx``."""
+    underflow to ``x_min``: none. Always ``dy/dx_min = 1 - dy/dx``. ``keep``: QDrop (see
+    ``_FakeQuantUniform``). Forward: the shared encoder and table; backward: the region, ``v``, ``round(v)``
+    and ``-k`` recomputed with the encoder's scalars, the masks as float 0/1 products."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int) -> Tensor:
-        code, uniform, v, rounded, k = _encode_hluq(x, x_min, s1, s2, n_log, bits, aux=True)
-        out = _lookup(_levels(_decode_hluq, bits, x.device, x_min, s1, s2, n_log), code)
-        uniform_in = uniform & (rounded >= 1) & (rounded <= 2**bits - n_log)
-        log_in = ~uniform & (code > 0) & (k >= 0)
-        slope = ds1 = ds2 = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            slope = torch.sub(out, x_min).div_(x - x_min).masked_fill_(~log_in, 0.0)
-            slope.masked_fill_(uniform_in, 1.0)
-        if ctx.needs_input_grad[2]:
-            ds1 = (uniform & ~uniform_in) | (~uniform & (k < 0) & (x > x_min))
-        if ctx.needs_input_grad[3]:
-            ds2 = torch.where(uniform_in, rounded.sub_(v), code - (n_log - 1)).masked_fill_(~uniform, 0.0)
-        ctx.save_for_backward(slope, ds1, ds2, x_min, s1, s2)
+    def forward(ctx, x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int,
+                keep: Tensor | None) -> Tensor:
+        levels = _levels(_decode_hluq, bits, x.device, x_min, s1, s2, n_log)
+        encode = _hluq_encoder(x_min, s1, s2, n_log, bits)
+        x = x.contiguous()
+        out = torch.empty_like(x)
+
+        def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
+            _lookup(levels, encode(x_p, out_p), into=out_p)
+            _keep_values(keep_p, x_p, out_p)
+
+        ctx.row, ctx.steps = _slice_row(x, None), 2**bits - n_log
+        _fill_slices(fill, [x, keep, out], ctx.row)
+        ctx.save_for_backward(x, out, keep, x_min, s1, s2)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        slope, ds1, ds2, x_min, s1, s2 = ctx.saved_tensors
-        grad_x = grad * slope if ctx.needs_input_grad[0] else None
-        grad_x_min = grad_s1 = grad_s2 = None
-        if ctx.needs_input_grad[1]:
-            grad_x_min = _sum_like(grad - (grad_x if grad_x is not None else grad * slope), x_min)
-        if ctx.needs_input_grad[2]:
-            grad_s1 = _sum_like(grad * ds1, s1)
-        if ctx.needs_input_grad[3]:
-            grad_s2 = _sum_like(grad * ds2, s2)
-        return grad_x, grad_x_min, grad_s1, grad_s2, None, None
+        x, out, keep, x_min, s1, s2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        x_min_f, s1_f, s2_f, steps = _item(x_min), _item(s1), _item(s2), ctx.steps
+        log2_s1, switch = _item(torch.log2(s1)), _item(s1 + s2 / 2)
+
+        def derivatives(x_p: Tensor, out_p: Tensor, keep_p: Tensor | None) -> _Derivatives:
+            u = torch.sub(x_p, x_min_f)
+            uniform = torch.gt(u, switch, out=torch.empty_like(u))
+            v = torch.sub(u, s1_f).div_(s2_f)
+            rounded = torch.round(v)
+            step = torch.clamp(rounded, 1, steps)
+            uniform_in = torch.eq(step, rounded, out=torch.empty_like(u)).mul_(uniform)
+            clipped = torch.sub(uniform, uniform_in)
+            minus_k = torch.clamp(u, min=_LOG_FLOOR).log2_().sub_(log2_s1).round_()
+            # log region on the grid: k >= 0 (y - x_min = 0 for code 0, where the clamp keeps the ratio
+            # finite)
+            log_in = torch.le(minus_k, 0.0, out=torch.empty_like(u))
+            log_in.addcmul_(log_in, uniform, value=-1.0)
+            ratio = torch.sub(out_p, x_min_f).div_(u.clamp_(min=_LOG_FLOOR))
+            slope = torch.addcmul(uniform_in, log_in, ratio, out=ratio)
+            ds1 = ds2 = None
+            if need[2]:  # uniform clipped, or log clipped (k < 0, which implies u > 0)
+                log_clipped = torch.gt(minus_k, 0.0, out=minus_k)
+                ds1 = torch.add(clipped, log_clipped).addcmul_(log_clipped, uniform, value=-1.0)
+            if need[3]:  # round(v) - v on the grid, j clipped, 0 in the log region
+                ds2 = torch.mul(clipped, step, out=step).addcmul_(uniform_in, rounded.sub_(v))
+            return _keep_derivatives(keep_p, slope, [ds1, ds2])
+
+        grad_x, (grad_s1, grad_s2) = _sliced_backward(derivatives, grad, [x, out, keep], ctx.row, None,
+                                                      need[0] or need[1], need[2:4])
+        grad_x_min = _sum_like(grad - grad_x, x_min) if need[1] else None
+        return grad_x if need[0] else None, grad_x_min, grad_s1, grad_s2, None, None, None
 
 
 def _hluq_params(x_min, s1, s2, n_log: int, bits: int, device: torch.device):
@@ -630,7 +937,7 @@ def _hluq_params(x_min, s1, s2, n_log: int, bits: int, device: torch.device):
     x_min, s1, s2 = (torch.as_tensor(v, dtype=torch.float32, device=device) for v in (x_min, s1, s2))
     _check_positive("HLUQ s1", s1)
     _check_positive("HLUQ s2", s2)
-    if x_min.numel() != 1 or not bool(torch.isfinite(x_min).all()):
+    if x_min.numel() != 1 or not math.isfinite(_item(x_min)):
         got = x_min.detach().flatten()[:4].tolist()
         raise ValueError(f"HLUQ x_min must be a single finite value, got {got}")
     return x_min, s1, s2
@@ -641,7 +948,7 @@ def quantize_hluq(x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, 
     """HLUQ codes: ``[0, n_log)`` log region below the breakpoint ``s1`` (code 0 <-> 0), ``[n_log, L)``
     uniform steps of ``s2`` above it; values past the top clip to the top level."""
     x_min, s1, s2 = _hluq_params(x_min, s1, s2, n_log, bits, x.device)
-    return _encode_hluq(x.float(), x_min, s1, s2, n_log, bits, aux=False)[0].to(torch.int32)
+    return _hluq_encoder(x_min, s1, s2, n_log, bits)(x.float(), _codes_buffer(x)).to(torch.int32)
 
 
 def dequantize_hluq(codes: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int) -> Tensor:
@@ -650,14 +957,18 @@ def dequantize_hluq(codes: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log:
     return _lookup(_levels(_decode_hluq, bits, codes.device, x_min, s1, s2, n_log), codes)
 
 
-def fake_quant_hluq(x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int) -> Tensor:
-    """HLUQ fake-quant; STE gradients reach ``x``, ``x_min``, ``s1`` and ``s2``."""
+def fake_quant_hluq(x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int,
+                    keep: Tensor | None = None) -> Tensor:
+    """HLUQ fake-quant; STE gradients reach ``x``, ``x_min``, ``s1`` and ``s2``. ``keep``: QDrop, as in
+    ``fake_quant_uniform``."""
     x_min, s1, s2 = _hluq_params(x_min, s1, s2, n_log, bits, x.device)
+    if keep is not None and not _needs_grad(x, x_min, s1, s2):
+        return torch.where(_check_keep(keep, x), x, fake_quant_hluq(x, x_min, s1, s2, n_log, bits))
+    keep = _check_keep(keep, x)
     if not _needs_grad(x, x_min, s1, s2):
         levels = _levels(_decode_hluq, bits, x.device, x_min, s1, s2, n_log)
-        return _fake_quant_values(lambda t: _encode_hluq(t, x_min, s1, s2, n_log, bits, aux=False)[0], levels,
-                                  x.float())
-    return _FakeQuantHLUQ.apply(x.float(), x_min, s1, s2, n_log, bits)
+        return _fake_quant_values(_hluq_encoder(x_min, s1, s2, n_log, bits), levels, x.float())
+    return _FakeQuantHLUQ.apply(x.float(), x_min, s1, s2, n_log, bits, keep)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -672,9 +983,14 @@ def _check_bits(bits: int) -> None:
 def _check_positive(what: str, t: Tensor) -> None:
     if t.numel() != 1:
         raise ValueError(f"{what} must be a single value (per-tensor), got shape {tuple(t.shape)}")
-    t = t.detach()
-    if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
-        raise ValueError(f"{what} must be finite and > 0, got {t.flatten()[:4].tolist()}")
+    value = _item(t)  # one read: elementwise checks of a 0-d tensor cost several ops per call
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be finite and > 0, got {[value]}")
+
+
+def _item(t: Tensor) -> float:
+    """The value of a one-element tensor as a Python float (exact for float32)."""
+    return float(t.detach())
 
 
 def _norm_axis(axis: int, x: Tensor) -> int:

@@ -14,6 +14,9 @@ Order (each step on float activations, so no step sees another's rounding):
    whatever the token count) and the weight is conditioned against it; then every quantizer is
    calibrated again, since the conditioned weights change the activations downstream and the weights
    themselves.
+4. Weight grouping (``cag.apply_to_weights``, AHCPTQ supplement Tab. 6): every per-channel weight grid of a
+   quantized Linear/Conv is replaced by at most ``cag.weight_groups`` shared grids, after the last pass
+   computed the grids and before reconstruction learns the rounding on them.
 """
 from __future__ import annotations
 
@@ -35,12 +38,14 @@ from ahcq.quantization.api import (
     set_mode,
 )
 from ahcq.quantization.config import ACNRConfig, QConfig
-from ahcq.quantization.layers import QuantLinear
-from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
+from ahcq.quantization.layers import QuantConv2d, QuantLinear
+from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode
+from ahcq.quantization.quantizers.weight_groups import group_weight_grid
 from ahcq.quantization.transforms import apply_acnr_, fold_sign, is_bimodal
 
 __all__ = [
-    "BIG_IMAGES", "CalibrationReport", "apply_big", "calibrate", "condition_linears", "switch_to_evaluation",
+    "BIG_IMAGES", "CalibrationReport", "apply_big", "calibrate", "condition_linears", "group_weights",
+    "switch_to_evaluation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,12 +56,14 @@ Forward = Callable[[Any], None]
 
 @dataclass
 class CalibrationReport:
-    """What calibration decided: BIG folds per attention and ACNR condition numbers per Linear."""
+    """What calibration decided: BIG folds per attention, ACNR condition numbers per Linear and weight
+    groups per layer."""
 
     images: int = 0
     big: dict[str, bool] = field(default_factory=dict)
     acnr: dict[str, dict[str, float | bool]] = field(default_factory=dict)
     passes: int = 0
+    weight_groups: dict[str, int] = field(default_factory=dict)
 
 
 def _pass(model: nn.Module, samples: Sequence[Any], forward: Forward, desc: str) -> None:
@@ -165,10 +172,23 @@ def condition_linears(
     return report
 
 
+def group_weights(model: nn.Module, k: int, seed: int = 0) -> dict[str, int]:
+    """Group the output channels of every calibrated per-channel weight grid into at most ``k`` shared
+    grids (``group_weight_grid``); ``{layer: groups}``. Per-tensor weight grids are one group already."""
+    groups = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, (QuantLinear, QuantConv2d)) or layer.weight_quantizer is None:
+            continue
+        if getattr(layer.weight_quantizer, "ch_axis", None) is not None:
+            groups[name] = group_weight_grid(layer.weight_quantizer, layer.weight, k, seed=seed)
+    return groups
+
+
 def calibrate(
     sam: nn.Module, samples: Sequence[Any], forward: Forward, qconfig: QConfig
 ) -> CalibrationReport:
-    """BIG, statistics and ACNR (as ``qconfig`` asks) on ``samples``; every quantizer ends calibrated.
+    """BIG, statistics, ACNR and weight grouping (as ``qconfig`` asks) on ``samples``; every quantizer ends
+    calibrated.
 
     ``forward(sample)`` runs the quantized SAM on one calibration sample (encoder and decoder).
     """
@@ -186,14 +206,19 @@ def calibrate(
             with calibrating(sam):
                 _pass(sam, samples, forward, "recalibrate")
             report.passes = 2
+    if qconfig.cag.apply_to_weights:
+        report.weight_groups = group_weights(sam, qconfig.cag.weight_groups, qconfig.seed)
     return report
 
 
 def switch_to_evaluation(model: nn.Module) -> None:
-    """The state evaluation needs: AdaRound weights no reconstruction hardened are rounded to nearest, then
-    every quantizer is switched on, and that is checked."""
+    """The state evaluation needs: AdaRound weights no reconstruction hardened are rounded to nearest, CAG
+    quantizers no reconstruction merged are merged to their final group count, then every quantizer is
+    switched on, and that is checked."""
     for _, q in iter_quantizers(model):
         if isinstance(q, AdaRoundQuantizer) and not q.is_hard:
             q.harden()
+        elif isinstance(q, CAGQuantizer):
+            q.merge_to_target()
     set_mode(model, Mode.QUANTIZE)
     assert_fully_quantized(model)

@@ -32,10 +32,9 @@ from tqdm.auto import tqdm
 
 import ahcq
 from ahcq.models.sam_quantize import quantize_sam
-from ahcq.quantization.api import assert_fully_quantized, iter_quantizers, set_mode
+from ahcq.quantization.api import iter_quantizers
 from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
-from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
-from ahcq.solver.calibration import calibrate
+from ahcq.solver.calibration import calibrate, switch_to_evaluation
 from ahcq.solver.evaluation import build_split, evaluate, pipeline_items
 from ahcq.solver.feature_cache import CachedImage, CacheStats, FeatureCache, module_fingerprint, run_key
 from ahcq.solver.pcc_sam import apply_pcc
@@ -189,12 +188,7 @@ def _quantize(model: Any, cache: FeatureCache, calib_keys: Sequence[str], qconfi
     report = calibrate(sam, samples, forward, qconfig)
     pcc = apply_pcc(sam, samples, qconfig, device) if qconfig.pcc.enabled else {}
     recon = _reconstruct(sam, samples, qconfig, forward, device, opts.out / "recon_state")
-    if not recon["ran"]:
-        for _, q in iter_quantizers(sam):
-            if isinstance(q, AdaRoundQuantizer):
-                q.harden()
-    set_mode(sam, Mode.QUANTIZE)
-    assert_fully_quantized(sam)
+    switch_to_evaluation(sam)
     return {**dataclasses.asdict(report), "pcc": pcc, "reconstruction": recon,
             "quantizers": sum(1 for _ in iter_quantizers(sam))}
 

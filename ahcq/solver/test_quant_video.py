@@ -34,7 +34,7 @@ from hydra.errors import HydraException
 from ahcq.models.sam2 import quantize_sam2
 from ahcq.models.sam2_checkpoint import build_sam2_model, load_sam2, reduced_overrides, resolve_config
 from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
-from ahcq.solver.calibration import condition_linears, switch_to_evaluation
+from ahcq.solver.calibration import condition_linears, group_weights, switch_to_evaluation
 from ahcq.solver.cli import positive, run_cli
 from ahcq.solver.reconstruction import ReconSettings
 from ahcq.solver.results import write_results
@@ -229,7 +229,8 @@ def _build(cfg: dict[str, Any], seed: int, device: torch.device) -> tuple[torch.
 
 def _quantize(predictor: torch.nn.Module, qconfig: QConfig, clips: list, options: TrackOptions,
               timer: dict[str, float]) -> dict[str, Any]:
-    """Quantize, calibrate (BIG, statistics, ACNR), reconstruct as ``qconfig`` asks; evaluation state."""
+    """Quantize, calibrate (BIG, statistics, ACNR, weight groups), reconstruct as ``qconfig`` asks; evaluation
+    state."""
     start = time.perf_counter()
     quantize_sam2(predictor, qconfig)
     report: dict[str, Any] = {"videos": [c.sample.name for c in clips], "frames": clips[0].frames}
@@ -240,6 +241,8 @@ def _quantize(predictor: torch.nn.Module, qconfig: QConfig, clips: list, options
         report["acnr"] = condition_linears(predictor, clips, lambda c: track_clip(predictor, c, options),
                                            qconfig.acnr)
         calibrate(predictor, clips, options)
+    if qconfig.cag.apply_to_weights:
+        report["weight_groups"] = group_weights(predictor, qconfig.cag.weight_groups, qconfig.seed)
     timer["calibration"] = time.perf_counter() - start
     if qconfig.recon.enabled:
         start = time.perf_counter()

@@ -55,7 +55,7 @@ def test_group_index_partitions_channels():
 
 def test_group_parameters_are_the_mean_member_ranges():
     batches = channel_varying(2)
-    q = calibrate(CAGQuantizer(Role.INPUT, 6, observer="avg_minmax"), batches)
+    q = calibrate(CAGQuantizer(Role.INPUT, 6, observer="avg_minmax", group_range="mean"), batches)
     scale_c = q.scale.detach().clone()
     zp_c = q.zero_point.clone()
     q.regroup(5)
@@ -69,6 +69,26 @@ def test_group_parameters_are_the_mean_member_ranges():
     s = q.scale.detach()[q.group_index]
     z = q.zero_point[q.group_index]
     assert torch.equal(q(x), torch.fake_quantize_per_channel_affine(x, s, z, 1, 0, 63))
+
+
+def test_envelope_groups_cover_every_member_range():
+    """The default group range is the members' envelope, re-derived in float64: no member is clipped."""
+    batches = channel_varying(2)
+    q = calibrate(CAGQuantizer(Role.INPUT, 6, observer="avg_minmax"), batches)
+    lo_c = (q.scale.detach() * (0 - q.zero_point.float())).double()
+    hi_c = (q.scale.detach() * (63 - q.zero_point.float())).double()
+    q.regroup(5)
+    for g in range(5):
+        members = q.group_index == g
+        lo, hi = min(lo_c[members].min().item(), 0.0), max(hi_c[members].max().item(), 0.0)
+        assert q.scale[g].item() == pytest.approx((hi - lo) / 63, rel=1e-5)
+        assert int(q.zero_point[g]) == min(max(round(-lo / ((hi - lo) / 63)), 0), 63)
+    s_c = q.scale.detach()[q.group_index].double()  # each channel's group grid holds its calibrated range
+    z_c = q.zero_point[q.group_index].double()
+    assert (s_c * (0 - z_c) <= lo_c + s_c / 2 + 1e-6).all()
+    assert (s_c * (63 - z_c) >= hi_c - s_c / 2 - 1e-6).all()
+    with pytest.raises(ValueError, match="group_range"):
+        CAGQuantizer(Role.INPUT, 4, group_range="median")
 
 
 def test_regroup_keeps_parameter_identity_and_optimizer_works():
@@ -102,3 +122,25 @@ def test_regroup_is_deterministic_and_validates():
         progressive_schedule(0)
     with pytest.raises(RuntimeError, match="not calibrated"):
         CAGQuantizer(Role.INPUT, 4).regroup(2)
+
+
+@pytest.mark.parametrize("channels, target", [(48, 4), (20, 4), (3, 1)])
+def test_merge_to_target_follows_the_progressive_schedule(channels, target):
+    """Runs without reconstruction merge to G groups by the same rounds reconstruction uses (capped at the
+    channel count), and a merged quantizer is left alone."""
+    batches = channel_varying(3, channels)
+    merged = calibrate(CAGQuantizer(Role.INPUT, 4, groups=target), batches)
+    by_hand = calibrate(CAGQuantizer(Role.INPUT, 4, groups=target), batches)
+    merged.merge_to_target()
+    for k in progressive_schedule(target):
+        if k < int(by_hand.groups):
+            by_hand.regroup(k)
+    assert int(merged.groups) == target
+    assert torch.equal(merged.group_index, by_hand.group_index)
+    assert torch.equal(merged.scale, by_hand.scale) and torch.equal(merged.zero_point, by_hand.zero_point)
+    before = merged.scale.detach().clone()
+    merged.merge_to_target()
+    assert torch.equal(merged.scale, before)
+    per_channel = calibrate(CAGQuantizer(Role.INPUT, 4, groups=None), batches)
+    per_channel.merge_to_target()
+    assert int(per_channel.groups) == channels

@@ -153,6 +153,8 @@ def test_unknown_keys_name_file_key_and_allowed(tmp_path: Path, text: str, key: 
         ("a_qconfig:\n  bit: 3\nw_qconfig:\n  bit: 3\nahcptq:\n  hluq: true\n", "hluq.level_splits", "bit 3"),
         (A + "4\n  groups: 4\n" + W4, "a_qconfig.groups", "null unless the quantizer is cag"),
         (MINIMAL + "ahcptq:\n  cag: true\n  group: 4\ncag:\n  groups: 2\n", "cag.groups", "contradicts"),
+        (MINIMAL + "cag:\n  weight_groups: 0\n", "cag.weight_groups", "expected an integer >= 1"),
+        (MINIMAL + "cag:\n  apply_to_weights: 2\n", "cag.apply_to_weights", "expected true"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(tmp_path: Path, text: str, key: str, expected: str) -> None:

@@ -112,6 +112,29 @@ def test_agq_fast_path_matches_reference_and_graph_path(shape, bits, tau, scale)
     assert torch.equal(P.quantize_agq(p, s, tau, bits), ref_codes_agq(p, s, tau, bits))
 
 
+@pytest.mark.parametrize("family", ["hluq", "agq"])
+@pytest.mark.parametrize("scale", [1e-36, 3e-37])
+def test_log_encoders_keep_zero_codes_when_the_log_floor_has_a_code(family, scale):
+    """With a scale near float32's smallest normal number the floor every ``x <= 0`` is clamped to encodes
+    above 0 (the no-grad encoders' mask-free shortcut does not apply): ``x <= 0`` must still give code 0."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.cat([scale * torch.exp2(torch.rand(70000, generator=g) * 12 - 9),
+                   torch.tensor([0.0, -0.0, -1.0, -1e-40, 1e-45, 1e-40, _TINY])])
+    s = torch.tensor(scale)
+    if family == "hluq":
+        args, ref_codes = (torch.tensor(0.0), s, s / 4, 8, 4), ref_codes_hluq
+        encode, decode, fake = P.quantize_hluq, P.dequantize_hluq, P.fake_quant_hluq
+    else:
+        args, ref_codes = (s, 1.0, 4), ref_codes_agq
+        encode, decode, fake = P.quantize_agq, P.dequantize_agq, P.fake_quant_agq
+    assert int(encode(torch.tensor([_TINY]), *args)) > 0  # the floor's own code
+    ref = ref_codes(x, *args)
+    assert torch.equal(encode(x, *args), ref)
+    assert (ref[-7:-3] == 0).all() and (ref[-3:] > 0).all()  # x <= 0 -> 0; positive subnormals -> the floor
+    with torch.no_grad():
+        assert torch.equal(fake(x, *args), decode(ref, *args))
+
+
 @pytest.mark.parametrize("shape", [(40, 50), BIG])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("alpha", [0.001, 20.0, 200.0])
@@ -138,6 +161,49 @@ def test_sliced_fast_path_handles_non_contiguous_input(layout):
     assert fast.shape == p.shape
     assert torch.equal(fast, P.dequantize_lnq(ref_codes_lnq(p, c, a, 4), c, a, 4))
     assert torch.equal(uniform, torch.fake_quantize_per_tensor_affine(p, float(c / 15), 0, 0, 15))
+
+
+@pytest.mark.parametrize("windows,tokens,heads", [(256, 64, 1), (1, 1024, 4), (9, 196, 4)])
+def test_qkv_slices_are_walked_in_blocks_into_a_contiguous_result(windows, tokens, heads):
+    """q, k and v of a Hiera qkv projection (``[windows, heads, tokens, 96]`` views with a gap between rows)
+    are read in place, block by block (some blocks split a head's tokens), into a contiguous result."""
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(windows, tokens, 3 * heads * 96, generator=g) * 2
+    for t in torch.unbind(qkv.reshape(windows, tokens, 3, heads, 96), 2):
+        t = t.transpose(1, 2)
+        assert not t.is_contiguous() and not t.permute(0, 2, 1, 3).is_contiguous()
+        x_min, span = t.min(), t.max() - t.min()
+        s1, s2 = 0.1 * span, 0.9 * span / 8
+        with torch.no_grad():
+            uniform = P.fake_quant_uniform(t, span / 15, torch.tensor(7.0), 0, 15)
+            hluq = P.fake_quant_hluq(t, x_min, s1, s2, 8, 4)
+        assert uniform.is_contiguous() and hluq.is_contiguous()
+        assert torch.equal(uniform, torch.fake_quantize_per_tensor_affine(t, float(span / 15), 7, 0, 15))
+        args = (x_min, s1, s2, 8, 4)
+        assert torch.equal(hluq, P.dequantize_hluq(ref_codes_hluq(t, *args), *args))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_checking_finite_rejects_nan_and_inf_in_any_slice(layout):
+    """Inside ``checking_finite`` the sliced fake-quants check every slice before encoding it; values whose
+    sum overflows are still finite; paths without slices (autograd) leave the check to the caller."""
+    base = probs((4, 70001))
+    x = base if layout == "contiguous" else base[:, ::2]
+    c, a = torch.tensor(0.7), torch.tensor(30.0)
+    for bad in (math.nan, math.inf, -math.inf):
+        y = x.clone() if layout == "contiguous" else base.clone()[:, ::2]
+        y[-1, -1] = bad  # in the last slice
+        with torch.no_grad(), P.checking_finite(), pytest.raises(P.NonFiniteInputError):
+            P.fake_quant_lnq(y, c, a, 4)
+        with torch.no_grad(), P.checking_finite(), pytest.raises(P.NonFiniteInputError):
+            P.fake_quant_uniform(y, c / 15, torch.tensor(0.0), 0, 15)
+    huge = torch.full((3, 70001), 3e38)
+    with torch.no_grad(), P.checking_finite() as check:
+        out = P.fake_quant_uniform(huge, torch.tensor(1e37), torch.tensor(0.0), 0, 255)
+    assert check.done and torch.equal(out, torch.fake_quantize_per_tensor_affine(huge, 1e37, 0, 0, 255))
+    with P.checking_finite() as check:
+        P.fake_quant_lnq(x.clone().requires_grad_(), c, a, 4)
+    assert not check.done
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -229,10 +295,13 @@ def test_finite_check_survives_an_overflowing_sum():
     x = torch.full((16,), 3e38)  # finite, but its sum overflows to inf
     assert torch.isinf(x.sum())
     ref = torch.fake_quantize_per_tensor_affine(x, float(q.scale), int(q.zero_point), 0, 255)
-    assert torch.equal(q(x), ref)
+    for ctx in (torch.enable_grad, torch.no_grad):  # whole-tensor check; check fused into the slices
+        with ctx():
+            assert torch.equal(q(x), ref)
     x[3] = math.nan
-    with pytest.raises(ValueError, match="m.big"):
-        q(x)
+    for ctx in (torch.enable_grad, torch.no_grad):
+        with ctx(), pytest.raises(ValueError, match="m.big"):
+            q(x)
 
 
 # --------------------------------------------------------------------------------- weight cache

@@ -3,6 +3,7 @@ second moment equals ACNR from the raw errors, and recalibration sees the condit
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,16 +13,23 @@ from ahcq.models.sam_quantize import quantize_sam
 from ahcq.models.sam_roles import big_sites
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.quantization import api
-from ahcq.quantization.config import ACNRConfig, parse_qconfig
-from ahcq.quantization.layers import QuantLinear
-from ahcq.quantization.quantizers import Mode, Role
+from ahcq.quantization.config import ACNRConfig, load_qconfig, parse_qconfig
+from ahcq.quantization.layers import QuantConv2d, QuantLinear
+from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode, Quantizer, Role
 from ahcq.quantization.transforms import acnr
-from ahcq.solver.calibration import apply_big, calibrate, condition_linears
+from ahcq.solver.calibration import (
+    CalibrationReport,
+    apply_big,
+    calibrate,
+    condition_linears,
+    switch_to_evaluation,
+)
 from ahcq.solver.feature_cache import CachedImage
 from ahcq.solver.pipeline import CalibSample, sam_forward
 from projects.instance_segment_anything import Prompts, SamSample
 from projects.instance_segment_anything.sam_runner import SamImage
 
+REPO = Path(__file__).resolve().parents[2]
 W8A8 = {"a_qconfig": {"bit": 8, "quantizer": "fixed", "observer": "minmax"},
         "w_qconfig": {"bit": 8, "quantizer": "fixed", "observer": "minmax", "ch_axis": 0},
         "recon": {"enabled": False}}
@@ -143,3 +151,49 @@ def test_calibration_leaves_the_float_model_untouched():
         for sample in samples:
             torch.testing.assert_close(_decoder_logits(sam, sample), _decoder_logits(reference, sample),
                                        atol=0, rtol=0)
+
+
+def _weight_grouping_run(tmp_path: Path, apply: bool) -> tuple[CalibrationReport, dict[str, Quantizer]]:
+    """The AHCPTQ preset with ``cag.apply_to_weights`` set, calibrated on the tiny SAM."""
+    path = tmp_path / f"weights_grouped_{apply}.yaml"
+    path.write_text(f"base: {REPO / 'exp' / 'ahcptq' / 'w4a4.yaml'}\n"
+                    f"cag: {{apply_to_weights: {str(apply).lower()}, weight_groups: 2}}\n")
+    qconfig = load_qconfig(path)
+    sam = _sam()
+    samples = _samples(sam, 2)
+    quantize_sam(sam, qconfig, quant_encoder=True)
+    report = calibrate(sam, samples, lambda s: sam_forward(sam, s, box_chunk=4, max_boxes=4), qconfig)
+    weights = {n: m.weight_quantizer for n, m in sam.named_modules()
+               if isinstance(m, (QuantLinear, QuantConv2d)) and m.weight_quantizer is not None}
+    return report, weights
+
+
+def test_preset_with_cag_on_weights_shares_two_grids_per_layer(tmp_path):
+    report, grouped = _weight_grouping_run(tmp_path, True)
+    plain_report, plain = _weight_grouping_run(tmp_path, False)
+    grids = {n: set(zip(q.scale.tolist(), q.zero_point.tolist())) for n, q in grouped.items()}
+    assert plain_report.weight_groups == {} and set(report.weight_groups) == set(grouped)
+    assert report.weight_groups["image_encoder.neck.0"] == 2  # a Conv2d is grouped too
+    assert all(len(grids[n]) == g <= 2 for n, g in report.weight_groups.items())
+    assert min(len(set(zip(q.scale.tolist(), q.zero_point.tolist()))) for q in plain.values()) > 2
+    for name, q in grouped.items():  # each group's grid comes from the per-channel grids it replaced
+        for s_g, z_g in grids[name]:
+            members = (q.scale == s_g) & (q.zero_point == z_g)
+            assert s_g == pytest.approx(plain[name].scale[members].double().mean().item(), rel=1e-5)
+
+
+def test_evaluation_state_without_reconstruction_merges_cag_to_g(tmp_path):
+    """A calibration-only AHCPTQ run is scored with the preset's G CAG groups, not per channel, and with
+    every AdaRound weight rounded to nearest."""
+    path = tmp_path / "calib_only.yaml"
+    path.write_text(f"base: {REPO / 'exp' / 'ahcptq' / 'w4a4.yaml'}\nrecon: {{enabled: false}}\n")
+    qconfig = load_qconfig(path)
+    sam = _sam()
+    samples = _samples(sam, 2)
+    quantize_sam(sam, qconfig, quant_encoder=True)
+    calibrate(sam, samples, lambda s: sam_forward(sam, s, box_chunk=4, max_boxes=4), qconfig)
+    cag = [q for _, q in api.iter_quantizers(sam) if isinstance(q, CAGQuantizer)]
+    assert cag and all(int(q.groups) == q.group_index.numel() for q in cag)
+    switch_to_evaluation(sam)
+    assert all(int(q.groups) == min(qconfig.ahcptq.group, q.group_index.numel()) for q in cag)
+    assert all(q.is_hard for _, q in api.iter_quantizers(sam) if isinstance(q, AdaRoundQuantizer))

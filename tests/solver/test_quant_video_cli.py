@@ -2,7 +2,8 @@
 
 The checkpoint is a randomly initialised reduced Hiera-T saved in sam2's format ``{"model": state_dict}``,
 loaded back through the CLI's config; the W4A4 recipe is exp/sam2/w4a4.yaml (BIG, AGQ, CAG, HLUQ, LNQ, ACNR,
-QDrop reconstruction) with short searches and two reconstruction steps so that it runs in seconds.
+QDrop reconstruction) plus CAG on the weights, with short searches and two reconstruction steps so that it
+runs in seconds.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ W4A4 = {
     "acnr": {"iters": 5, "calib": 1},
     "lnq": {"alphas": [1.0]},
     "agq": {"taus": [1, 2]},
+    "cag": {"apply_to_weights": True, "weight_groups": 4},
 }
 METRICS = ("official/J&F", "official/J", "official/F", "ahcq/J&F", "ahcq/J", "ahcq/F")
 
@@ -100,6 +102,7 @@ def test_w4a4_run_writes_complete_results(setup, fp_results, quant_results, caps
              "final_attn_token_to_image")
     assert set(calib["big"]) == {f"sam_mask_decoder.transformer.{s}" for s in sites}
     assert calib["acnr"]
+    assert calib["weight_groups"] and all(1 <= g <= 4 for g in calib["weight_groups"].values())
     recon = calib["reconstruction"]
     assert set(recon) == {"image_encoder", "memory_attention", "memory_encoder", "sam_mask_decoder"}
     assert len(recon["image_encoder"]) == 12 and all(u["steps"] == 2 for us in recon.values() for u in us)

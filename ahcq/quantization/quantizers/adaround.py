@@ -4,9 +4,13 @@ The grid (scale, zero point) comes from the observer (MSE by default) and stays 
 rounded down and then gets a rounding bit: soft ``h(V) = clamp(sigmoid(V)*(ZETA-GAMMA)+GAMMA, 0, 1)`` while
 learning, hard ``1[V >= 0]`` after ``harden()``. ``V`` starts where the soft weights equal the float
 weights. The hard output is the uniform fake-quant of ``s*(floor(w/s) + bit)``, computed by the primitive.
+While learning, the soft weight and the rounding regulariser run in cache-sized slices (autograd Functions
+whose backward recomputes ``dh/dV`` instead of saving it), and ``floor(w/s)`` is kept while the weight and
+the grid stay the same tensors at the same versions (the weight is frozen during reconstruction).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +25,103 @@ from .base import Quantizer, Role
 __all__ = ["AdaRoundQuantizer", "BetaSchedule", "ZETA", "GAMMA"]
 
 ZETA, GAMMA = 1.1, -0.1
+_SLICE = 1 << 16  # elements per slice of the soft-rounding passes (cache-resident temporaries)
+
+
+def _soft_bits(alpha: torch.Tensor, slope: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``h(V)`` of (a slice of) logits and, when ``slope``, ``dh/dV``, the clamp's derivative being 1 on the
+    open interval (0, 1) like ``torch.clamp``'s; masks as float 0/1 products."""
+    sig = torch.sigmoid(alpha)
+    soft = torch.mul(sig, ZETA - GAMMA).add_(GAMMA)
+    if not slope:
+        return soft.clamp_(0.0, 1.0), None
+    inside = torch.gt(soft, 0.0, out=torch.empty_like(soft))
+    inside.mul_(torch.lt(soft, 1.0, out=torch.empty_like(soft)))
+    dh = torch.sub(1.0, sig).mul_(sig).mul_(ZETA - GAMMA).mul_(inside)
+    return soft.clamp_(0.0, 1.0), dh
+
+
+def _in_rows(fill: Callable[..., object], tensors: Sequence[torch.Tensor],
+             params: Sequence[torch.Tensor]) -> None:
+    """``fill(*tensor parts, *param parts)`` over blocks of at most ``_SLICE`` elements (cache-resident
+    temporaries): ``tensors`` contiguous ``[R, K]``, ``params`` per row ``[R, 1]`` or scalars."""
+    rows, width = tensors[0].shape
+    step = max(1, _SLICE // width)
+    for start in range(0, rows, step):
+        parts = [t[start:start + step] for t in tensors]
+        fill(*parts, *(p[start:start + step] if p.dim() else p for p in params))
+
+
+class _SoftRounding(torch.autograd.Function):
+    """The soft weight ``s*(clamp(floor(w/s) + h(V) + z, qmin, qmax) - z)`` in one sliced pass; the backward
+    recomputes ``dh/dV`` (a sigmoid) instead of saving a derivative tensor. ``alpha``, ``down`` (the floored
+    weight): ``[R, K]``; ``scale``, ``zero_point``: ``[R, 1]`` or scalars."""
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, down: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                qmin: int, qmax: int) -> torch.Tensor:
+        out = torch.empty_like(alpha)
+
+        def fill(a: torch.Tensor, d: torch.Tensor, o: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> None:
+            codes = torch.add(d, _soft_bits(a, False)[0]).add_(z)
+            torch.mul(s, codes.clamp_(qmin, qmax).sub_(z), out=o)
+
+        _in_rows(fill, [alpha, down, out], [scale, zero_point])
+        ctx.bounds = qmin, qmax
+        ctx.save_for_backward(alpha, down, scale, zero_point)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        alpha, down, scale, zero_point = ctx.saved_tensors
+        qmin, qmax = ctx.bounds
+        grad = grad.contiguous()
+        grad_alpha = torch.empty_like(grad)
+
+        def fill(a: torch.Tensor, d: torch.Tensor, g: torch.Tensor, ga: torch.Tensor, s: torch.Tensor,
+                 z: torch.Tensor) -> None:
+            h, dh = _soft_bits(a, True)
+            codes = torch.add(d, h).add_(z)
+            inside = torch.gt(codes, qmin, out=h).mul_(torch.lt(codes, qmax, out=codes))
+            torch.mul(g, dh.mul_(inside), out=ga).mul_(s)
+
+        _in_rows(fill, [alpha, down, grad, grad_alpha], [scale, zero_point])
+        return grad_alpha, None, None, None, None, None
+
+
+class _RoundingRegularizer(torch.autograd.Function):
+    """``sum(1 - |2h(V) - 1|**b)`` in slices; the backward recomputes ``-2b * sign(t) * |t|**(b-1) * dh/dV``
+    (``t = 2h - 1``). Powers as ``exp2(b * log2|t|)``: a non-integer ``pow`` costs several times more."""
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, b: float) -> torch.Tensor:
+        total = alpha.new_zeros((), dtype=torch.float64)
+
+        def fill(a: torch.Tensor) -> None:
+            nonlocal total
+            t = _soft_bits(a, False)[0].mul_(2.0).sub_(1.0)
+            total += t.abs_().log2_().mul_(b).exp2_().neg_().add_(1.0).sum()
+
+        _in_rows(fill, [alpha.detach().reshape(-1, 1)], [])
+        ctx.b = b
+        ctx.save_for_backward(alpha)
+        return total.float()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (alpha,) = ctx.saved_tensors
+        b = ctx.b
+        grad_alpha = torch.empty_like(alpha)
+        scale = grad.mul(-2.0 * b)
+
+        def fill(a: torch.Tensor, ga: torch.Tensor) -> None:
+            h, dh = _soft_bits(a, True)
+            t = h.mul_(2.0).sub_(1.0)
+            power = torch.abs(t).log2_().mul_(b - 1.0).exp2_().copysign_(t)
+            torch.mul(power, dh, out=ga).mul_(scale)
+
+        _in_rows(fill, [alpha.reshape(-1, 1), grad_alpha.view(-1, 1)], [])
+        return grad_alpha, None
 
 
 @dataclass(frozen=True)
@@ -98,11 +199,17 @@ class AdaRoundQuantizer(Quantizer):
         scale, zero_point = self.observer.qparams(self.bits, self.symmetric)
         self.scale = scale.detach().float().to(self.scale.device).clone()
         self.zero_point = zero_point.detach().round().to(self.zero_point.device, torch.int32)
-        w = self._init_weight
+        self.init_rounding(self._init_weight)
+        self._init_weight = None
+
+    @torch.no_grad()
+    def init_rounding(self, w: torch.Tensor) -> None:
+        """Soft rounding where the soft weights equal ``w`` on the current grid; called again by whatever
+        replaces the grid (weight grouping), so that learning starts from the float weights."""
         rest = w / self._view(self.scale, w) - torch.floor(w / self._view(self.scale, w))
         self.alpha.data = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0).to(self.alpha.device)
         self.hard.fill_(False)
-        self._init_weight = None
+        self.clear_cache()
 
     def _view(self, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return p if self.ch_axis is None else view_along(p, w, self.ch_axis)
@@ -115,8 +222,32 @@ class AdaRoundQuantizer(Quantizer):
 
     def regularizer(self, b: float) -> torch.Tensor:
         """``sum(1 - |2h(V) - 1|**b)``: pushes every soft rounding bit toward 0 or 1."""
-        h = torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-        return (1.0 - (2.0 * h - 1.0).abs().pow(b)).sum()
+        return _RoundingRegularizer.apply(self.alpha, float(b))
+
+    def clear_cache(self) -> None:
+        """Also forgets the cached ``floor(w/s)``."""
+        super().clear_cache()
+        self.__dict__["_floor_cache"] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_floor_cache"] = None
+        return state
+
+    def _floor(self, w: torch.Tensor) -> torch.Tensor:
+        """``floor(w/s)``, kept while the weight and the grid are the same storages at the same versions (the
+        weight is frozen during reconstruction; the soft forward needs it every step)."""
+        tensors = (w, self.scale, self.zero_point)
+        key = None if any(t.is_inference() for t in tensors) else tuple(
+            (t.data_ptr(), t._version, t.shape, t.device) for t in tensors)
+        cached = self.__dict__.get("_floor_cache")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[2]
+        with torch.no_grad():
+            down = torch.floor(w.detach() / self._view(self.scale, w))
+        # the aliases keep the keyed storages alive so that no other tensor can reuse their addresses
+        self.__dict__["_floor_cache"] = (key, tuple(t.detach() for t in tensors), down) if key else None
+        return down
 
     def _check_weight(self, w: torch.Tensor) -> None:
         if w.shape != self.alpha.shape:
@@ -136,11 +267,19 @@ class AdaRoundQuantizer(Quantizer):
         if self.is_hard:
             return fake_quant_uniform(self.grid_value(x), self.scale, self.zero_point, self.qmin, self.qmax,
                                       self.ch_axis)
-        scale = self._view(self.scale, x)
-        zero_point = self._view(self.zero_point, x).float()
-        codes = torch.floor(x.detach() / scale) + self.rounding() + zero_point
-        codes = torch.clamp(codes, self.qmin, self.qmax)
-        return scale * (codes - zero_point)
+        # rows of [R, K] blocks share a grid: the channel axis moved first (a copy unless it is axis 0)
+        axis = None if self.ch_axis is None else self.ch_axis % x.dim()
+        alpha, down = self.alpha, self._floor(x)
+        scale, zero_point = self.scale, self.zero_point.float()
+        if axis is None:
+            rows = (-1, 1)
+        else:
+            alpha, down = alpha.movedim(axis, 0), down.movedim(axis, 0)
+            rows = (alpha.shape[0], -1)
+            scale, zero_point = scale.view(-1, 1), zero_point.view(-1, 1)
+        out = _SoftRounding.apply(alpha.reshape(rows), down.reshape(rows), scale, zero_point, self.qmin,
+                                  self.qmax)
+        return out.view(x.shape) if axis is None else out.view(alpha.shape).movedim(0, axis)
 
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
         self._require_hard("quantize_int")

@@ -86,8 +86,11 @@ class AGQuantizer(Quantizer):
         self.require_calibrated()
         return torch.clamp(self.scale, min=SCALE_EPS)
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_agq(x, self._scale(), float(self.tau), self.bits)
+    def fake_quant(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return fake_quant_agq(x, self._scale(), float(self.tau), self.bits, keep)
+
+    def fake_quant_drop(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.fake_quant(x, keep)
 
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
         return quantize_agq(x.detach(), self._scale().detach(), float(self.tau), self.bits)

@@ -12,13 +12,44 @@ references; ``_load_from_state_dict`` resizes them to the stored shape for the s
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Mode", "Quantizer", "Role"]
+from ..primitives import NonFiniteInputError, checking_finite
+
+__all__ = ["Mode", "Quantizer", "Role", "keep_mask"]
+
+_KEEP_LEVELS = 1 << 16  # QDrop probabilities are resolved to multiples of 1/65536
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None,
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """QDrop: a boolean mask of ``shape``, each element ``True`` with probability ``p`` (to ``2**-16``),
+    from ``generator`` (on its device; the default generator when ``None``), returned on ``device``.
+
+    Drawn as 64-bit words: at ``p = 1/2`` (QDrop's usual setting) each element is one random bit, otherwise
+    each compares a 16-bit integer with ``round(p * 2**16)``; a word thus serves 64 or 4 elements, where
+    ``torch.rand(shape) < p`` spends a generator call on each. ``p = 0`` and ``p = 1`` draw nothing.
+    """
+    level = round(p * _KEEP_LEVELS)
+    if level <= 0 or level >= _KEEP_LEVELS:
+        return torch.full(tuple(shape), level > 0, dtype=torch.bool, device=device)
+    count = math.prod(shape)
+    per_word = 64 if level == _KEEP_LEVELS // 2 else 4
+    source = generator.device if generator is not None else device
+    words = torch.empty(-(-count // per_word), dtype=torch.int64, device=source)
+    words.random_(-(1 << 63), None, generator=generator)
+    if per_word == 64:
+        bits = words.view(torch.uint8).unsqueeze(1) >> _BIT_SHIFTS.to(words.device)
+        keep = bits.bitwise_and_(1).view(-1)[:count].view(torch.bool)
+    else:
+        keep = torch.lt(words.view(torch.int16)[:count], level - _KEEP_LEVELS // 2)
+    return keep.view(tuple(shape)).to(device)
 
 
 class Role(enum.Enum):
@@ -167,6 +198,8 @@ class Quantizer(nn.Module):
             cached = self.__dict__["_weight_cache"]
             if key is not None and cached is not None and cached[0] == key:
                 return cached[2]
+        if self.mode is Mode.QUANTIZE and not cacheable and not torch.is_grad_enabled():
+            return self._fake_quant_checked(x)
         self.check_finite(x)
         if self.mode is Mode.CALIBRATE:
             if self.role is not Role.WEIGHT or self._observed_batches == 0:
@@ -174,9 +207,9 @@ class Quantizer(nn.Module):
                     self.observe(x.detach(), **ctx)
                 self._observed_batches += 1
             return x
-        xq = self.fake_quant(x)
         if self.mode is Mode.DROP:
-            return torch.where(self.drop_mask(x), x, xq)
+            return self.fake_quant_drop(x, self.drop_mask(x))
+        xq = self.fake_quant(x)
         if cacheable:
             # a result with a graph must be recomputed (each backward needs its own); the aliases keep the
             # keyed storages alive so that no other tensor can reuse their addresses
@@ -185,27 +218,46 @@ class Quantizer(nn.Module):
             self.__dict__["_weight_cache"] = (key, tuple(t.detach() for t in tensors), xq) if keep else None
         return xq
 
+    def _fake_quant_checked(self, x: torch.Tensor) -> torch.Tensor:
+        """``fake_quant(x)`` without autograd, with the NaN/Inf check fused into the fake-quant's own slices
+        (``primitives.checking_finite``) instead of a separate pass over ``x``; the paths that do not check
+        carry NaN through harmlessly and are checked after."""
+        try:
+            with checking_finite() as check:
+                xq = self.fake_quant(x)
+        except NonFiniteInputError:
+            raise self._non_finite_error() from None
+        if not check.done:
+            self.check_finite(x)
+        return xq
+
     def _cache_tensors(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (x, *self.parameters(), *self.buffers())
 
     def _cache_key(self, x: torch.Tensor) -> tuple | None:
         """What the weight's fake-quant depends on: storages and versions of the weight and of every
-        parameter and buffer, the weight's layout, the grid's plain attributes and the inference mode;
-        ``None`` (no caching) for inference tensors, which have no version counter."""
+        parameter and buffer, the weight's layout, the grid's plain attributes, the inference mode and the
+        grad mode (a soft AdaRound computed under ``no_grad`` has no graph, but the same call with grad
+        enabled needs one); ``None`` (no caching) for inference tensors, which have no version counter."""
         tensors = self._cache_tensors(x)
         if any(t.is_inference() for t in tensors):
             return None
         grid = tuple(self.__dict__.get(a) for a in ("bits", "qmin", "qmax", "ch_axis", "symmetric"))
         return (
-            torch.is_inference_mode_enabled(), grid, x.dtype, x.shape, x.stride(), x.storage_offset(),
+            torch.is_inference_mode_enabled(), torch.is_grad_enabled(), grid, x.dtype, x.shape, x.stride(),
+            x.storage_offset(),
             *((t.device, t.data_ptr(), t._version) for t in tensors),
         )
 
     def drop_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """Elements that stay float in DROP mode: ``U < drop_p`` with ``U`` drawn from ``self.generator``."""
-        device = self.generator.device if self.generator is not None else x.device
-        u = torch.rand(x.shape, generator=self.generator, device=device)
-        return (u < self.drop_p).to(x.device)
+        """Elements that stay float in DROP mode, each with probability ``drop_p`` (``keep_mask`` drawn from
+        ``self.generator``)."""
+        return keep_mask(x.shape, self.drop_p, self.generator, x.device)
+
+    def fake_quant_drop(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``where(keep, x, fake_quant(x))``, values and gradients (QDrop); families that can fuse the mix
+        into their fake-quant override it."""
+        return torch.where(keep, x, self.fake_quant(x))
 
     def check_finite(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming this quantizer when ``x`` holds NaN or Inf.
@@ -214,8 +266,12 @@ class Quantizer(nn.Module):
         and any NaN or Inf makes it non-finite; only a non-finite sum pays for the full check.
         """
         x = x.detach()
-        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"quantizer {self.name!r} ({self.family}, {self.mode.name}): NaN or Inf input")
+        if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+            raise self._non_finite_error()
+
+    def _non_finite_error(self) -> ValueError:
+        """The one NaN/Inf error of both checks, naming this quantizer."""
+        return ValueError(f"quantizer {self.name!r} ({self.family}, {self.mode.name}): NaN or Inf input")
 
     def require_calibrated(self) -> None:
         """Raise when parameters are read before calibration."""

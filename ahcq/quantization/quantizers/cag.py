@@ -2,10 +2,13 @@
 within groups.
 
 Calibration gives per-channel parameters (channel axis = last axis) from the per-channel running-average
-min/max. ``regroup(k)`` clusters the channels into ``k`` groups with K-means and gives each group the range
-whose ends are the mean of its members' ends ``lo = s*(qmin - z)``, ``hi = s*(qmax - z)``; that range's
-scale is exactly the mean of the member scales and its zero point the rounded one. Progressive merging uses
-``progressive_schedule(G) = [8G, 4G, 2G, G]``.
+min/max. ``regroup(k)`` clusters the channels into ``k`` groups with K-means and gives each group a range
+built from its members' ends ``lo = s*(qmin - z)``, ``hi = s*(qmax - z)``: by default their envelope
+(``group_range="envelope"``: the lowest ``lo`` to the highest ``hi``, so no member is clipped), or, as in the
+reference, their mean (``"mean"``: the group scale is exactly the mean of the member scales, and the wider
+members of every group are clipped; on the trained testbed with a 200-step CPU reconstruction budget this
+clipping compounds block after block in the encoder and costs AHCPTQ several mAP points at W6A6).
+Progressive merging uses ``progressive_schedule(G) = [8G, 4G, 2G, G]``.
 
 Clustering features: each channel's ``(lo, hi)``, each standardised across channels. Both ends are in the
 activation's own unit, so neither is an arbitrary mix of units (the reference clusters the raw
@@ -24,11 +27,11 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from ..primitives import expand_groups, qparams_from_minmax
+from ..primitives import expand_groups, qparams_from_minmax, qrange
 from .base import Role
 from .uniform import LSQQuantizer
 
-__all__ = ["CAGQuantizer", "progressive_schedule"]
+__all__ = ["CAGQuantizer", "cluster_grids", "progressive_schedule"]
 
 
 def progressive_schedule(groups: int = 4) -> list[int]:
@@ -36,6 +39,40 @@ def progressive_schedule(groups: int = 4) -> list[int]:
     if groups < 1:
         raise ValueError(f"progressive_schedule: groups must be >= 1, got {groups}")
     return [8 * groups, 4 * groups, 2 * groups, groups]
+
+
+def cluster_grids(
+    scale: torch.Tensor, zero_point: torch.Tensor, k: int, bits: int, symmetric: bool, *, seed: int = 0,
+    n_init: int = 10, group_range: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K-means of per-channel grids ``[C]`` into at most ``k`` groups (see the module docstring).
+
+    Returns ``(group_index [C] int64, group_scale [G], group_zero_point [G] int32)`` on ``scale``'s device,
+    ``G <= k`` being the clusters K-means used (numbered ``0..G-1``). Shared by CAG's activation groups and
+    the weight groups (``weight_groups.py``), so both cluster the same way.
+    """
+    qmin, qmax = qrange(bits, symmetric)
+    lo = scale * (qmin - zero_point.float())
+    hi = scale * (qmax - zero_point.float())
+    feats = torch.stack([lo, hi], dim=1).double().cpu().numpy()
+    std = feats.std(axis=0)
+    feats = (feats - feats.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    labels = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit_predict(feats)
+    index = torch.as_tensor(labels, dtype=torch.int64, device=scale.device)
+    index = torch.unique(index, return_inverse=True)[1]  # K-means may leave clusters empty
+    used = int(index.max()) + 1
+    counts = torch.bincount(index, minlength=used).to(lo.dtype)
+    if group_range == "envelope":
+        empty = torch.zeros(used, device=lo.device)
+        group_lo = empty.scatter_reduce(0, index, lo, "amin", include_self=False)
+        group_hi = empty.scatter_reduce(0, index, hi, "amax", include_self=False)
+    elif group_range == "mean":
+        group_lo = torch.zeros(used, device=lo.device).index_add_(0, index, lo) / counts
+        group_hi = torch.zeros(used, device=lo.device).index_add_(0, index, hi) / counts
+    else:
+        raise ValueError(f"cluster_grids: group_range must be 'envelope' or 'mean', got {group_range!r}")
+    group_scale, group_zp = qparams_from_minmax(group_lo.cpu(), group_hi.cpu(), bits, symmetric)
+    return index, group_scale.to(scale.device), group_zp.round().to(scale.device, torch.int32)
 
 
 class CAGQuantizer(LSQQuantizer):
@@ -54,6 +91,7 @@ class CAGQuantizer(LSQQuantizer):
         groups: int | None = 4,
         seed: int = 0,
         n_init: int = 10,
+        group_range: str = "envelope",
         name: str = "",
     ) -> None:
         if ch_axis not in (None, -1):
@@ -64,6 +102,10 @@ class CAGQuantizer(LSQQuantizer):
         self.target_groups = groups
         self.seed = seed
         self.n_init = n_init
+        if group_range not in ("envelope", "mean"):
+            raise ValueError(f"quantizer {name!r}: group_range must be 'envelope' or 'mean', "
+                             f"got {group_range!r}")
+        self.group_range = group_range
         self.register_buffer("group_index", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("groups", torch.tensor(1, dtype=torch.int64))
 
@@ -94,26 +136,28 @@ class CAGQuantizer(LSQQuantizer):
         if not 1 <= k <= channels:
             raise ValueError(f"quantizer {self.name!r}: regroup({k}) needs 1 <= k <= {channels} channels")
         scale, zero_point = self.channel_params()
-        lo = scale * (self.qmin - zero_point.float())
-        hi = scale * (self.qmax - zero_point.float())
-        feats = torch.stack([lo, hi], dim=1).double().cpu().numpy()
-        std = feats.std(axis=0)
-        feats = (feats - feats.mean(axis=0)) / np.where(std > 0, std, 1.0)
-        labels = KMeans(n_clusters=k, random_state=self.seed, n_init=self.n_init).fit_predict(feats)
-        index = torch.as_tensor(labels, dtype=torch.int64, device=self.zero_point.device)
-        index = torch.unique(index, return_inverse=True)[1]  # K-means may leave clusters empty
-        used = int(index.max()) + 1
-        counts = torch.bincount(index, minlength=used).to(lo.dtype)
-        group_lo = torch.zeros(used, device=lo.device).index_add_(0, index, lo) / counts
-        group_hi = torch.zeros(used, device=lo.device).index_add_(0, index, hi) / counts
-        group_scale, group_zp = qparams_from_minmax(group_lo.cpu(), group_hi.cpu(), self.bits, self.symmetric)
+        index, group_scale, group_zp = cluster_grids(scale.detach(), zero_point, k, self.bits, self.symmetric,
+                                                     seed=self.seed, n_init=self.n_init,
+                                                     group_range=self.group_range)
+        used = group_scale.numel()
         self.scale.data.fill_(1.0)
         self.scale.data[:used] = group_scale.to(self.scale.device)
         self.zero_point.zero_()
-        self.zero_point[:used] = group_zp.round().to(self.zero_point.device, torch.int32)
+        self.zero_point[:used] = group_zp.to(self.zero_point.device)
         self.group_index.copy_(index)
         self.groups.fill_(used)
         self.clear_cache()  # the scale was rewritten through .data, which keeps its version
+
+    @torch.no_grad()
+    def merge_to_target(self) -> None:
+        """Merge through the progressive schedule down to the final group count, as reconstruction does
+        between its rounds; for runs that skip reconstruction, so they are scored with G groups, not per
+        channel. No-op once the quantizer has at most G groups."""
+        if self.target_groups is None:
+            return
+        for k in progressive_schedule(self.target_groups):
+            if k < int(self.groups):
+                self.regroup(k)
 
     def export(self) -> dict[str, np.ndarray]:
         self.require_calibrated()

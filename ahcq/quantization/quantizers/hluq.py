@@ -115,9 +115,12 @@ class HLUQuantizer(Quantizer):
         s1, s2 = torch.clamp(self.s1, min=SCALE_EPS), torch.clamp(self.s2, min=SCALE_EPS)
         return self.x_min, s1, s2, int(self.n_log)
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def fake_quant(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         x_min, s1, s2, n_log = self._params()
-        return fake_quant_hluq(x, x_min, s1, s2, n_log, self.bits)
+        return fake_quant_hluq(x, x_min, s1, s2, n_log, self.bits, keep)
+
+    def fake_quant_drop(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.fake_quant(x, keep)
 
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
         x_min, s1, s2, n_log = self._params()

@@ -89,9 +89,12 @@ class LNQuantizer(Quantizer):
         self.alpha.fill_(self.alphas[best])
         self.clip.fill_(float(self.clip_sums[best]) / self.observed_batches)
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def fake_quant(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         self.require_calibrated()
-        return fake_quant_lnq(x, self.clip, self.alpha, self.bits)
+        return fake_quant_lnq(x, self.clip, self.alpha, self.bits, keep)
+
+    def fake_quant_drop(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.fake_quant(x, keep)
 
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
         self.require_calibrated()

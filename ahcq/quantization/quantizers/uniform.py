@@ -85,13 +85,16 @@ class UniformQuantizer(Quantizer):
                 f"{self.zero_point.numel()} channels on axis {self.ch_axis}"
             )
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def fake_quant(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         self.require_calibrated()
         self._check_shape(x)
         scale, zero_point = self.channel_params()
         if self.learnable:
             scale = grad_scale(scale, self.grad_factor(x))
-        return fake_quant_uniform(x, scale, zero_point, self.qmin, self.qmax, self.ch_axis)
+        return fake_quant_uniform(x, scale, zero_point, self.qmin, self.qmax, self.ch_axis, keep)
+
+    def fake_quant_drop(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.fake_quant(x, keep)
 
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
         self.require_calibrated()
