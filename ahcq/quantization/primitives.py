@@ -512,14 +512,15 @@ def _slice_row(x: Tensor, axis: int | None) -> int:
 
 def _fill_slices(fill: Callable[..., object], tensors: Sequence[Tensor | None], row: int) -> None:
     """``fill(*parts)`` over aligned slices of contiguous tensors of one shape (``None`` stays ``None``),
-    each at most ``_SLICE`` elements of whole rows of ``row`` elements (``row = 0``: one call on the whole
-    tensors). A fake-quant's dozens of elementwise passes then run on cache-resident temporaries; only the
-    outputs are written to memory (see ``_sliced``)."""
+    each at most ``_SLICE`` elements per intra-op thread, of whole rows of ``row`` elements (``row = 0``:
+    one call on the whole tensors). A fake-quant's dozens of elementwise passes then run on cache-resident
+    temporaries; only the outputs are written to memory (see ``_sliced``)."""
     if row == 0:
         fill(*tensors)
         return
     views = [None if t is None else t.view(-1) if row == 1 else t.view(-1, row) for t in tensors]
-    step = _SLICE if row == 1 else max(1, _SLICE // row)
+    size = _SLICE * torch.get_num_threads()  # each thread's share of an op stays cache-sized
+    step = size if row == 1 else max(1, size // row)
     for start in range(0, views[0].shape[0], step):
         fill(*(None if v is None else v[start:start + step] for v in views))
 

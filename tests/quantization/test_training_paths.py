@@ -12,8 +12,8 @@ from ahcq.quantization.quantizers import AdaRoundQuantizer, LSQQuantizer, Mode, 
 from ahcq.quantization.quantizers.adaround import GAMMA, ZETA
 from ahcq.quantization.quantizers.base import keep_mask
 
-# odd sizes that cross several slices of P._SLICE elements and end in a partial one
-N = 3 * P._SLICE + 123
+# odd sizes that cross several slices (P._SLICE elements per intra-op thread) and end in a partial one
+N = 3 * P._SLICE * torch.get_num_threads() + 123
 
 
 def _ste(t: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:

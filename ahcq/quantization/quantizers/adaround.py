@@ -43,10 +43,11 @@ def _soft_bits(alpha: torch.Tensor, slope: bool) -> tuple[torch.Tensor, torch.Te
 
 def _in_rows(fill: Callable[..., object], tensors: Sequence[torch.Tensor],
              params: Sequence[torch.Tensor]) -> None:
-    """``fill(*tensor parts, *param parts)`` over blocks of at most ``_SLICE`` elements (cache-resident
-    temporaries): ``tensors`` contiguous ``[R, K]``, ``params`` per row ``[R, 1]`` or scalars."""
+    """``fill(*tensor parts, *param parts)`` over blocks of at most ``_SLICE`` elements per intra-op thread
+    (cache-resident temporaries): ``tensors`` contiguous ``[R, K]``, ``params`` per row ``[R, 1]`` or
+    scalars."""
     rows, width = tensors[0].shape
-    step = max(1, _SLICE // width)
+    step = max(1, _SLICE * torch.get_num_threads() // width)
     for start in range(0, rows, step):
         parts = [t[start:start + step] for t in tensors]
         fill(*parts, *(p[start:start + step] if p.dim() else p for p in params))
