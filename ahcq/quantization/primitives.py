@@ -626,6 +626,23 @@ def _decode_agq(code: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
     return torch.where(code == 0, torch.zeros_like(level), level)
 
 
+def _table_fake_quant(x: Tensor, keep: Tensor | None, levels: Tensor,
+                      encode: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor, int]:
+    """Forward of the table-decoded families (AGQ, LNQ) over cache-sized slices: codes from ``encode``,
+    values from ``levels``, QDrop's kept elements copied back. Returns the contiguous input, the output and
+    the slice row (for the backward)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+
+    def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
+        _lookup(levels, encode(x_p, out_p), into=out_p)
+        _keep_values(keep_p, x_p, out_p)
+
+    row = _slice_row(x, None)
+    _fill_slices(fill, [x, keep, out], row)
+    return x, out, row
+
+
 class _FakeQuantAGQ(torch.autograd.Function):
     """With ``k`` straight-through, ``y = s*2^(-k/tau)`` has ``dy/dx = y/x`` and ``dy/ds = 0`` on the grid;
     values clipped to ``s`` (``k < 0``) have ``dy/ds = 1``; underflows to 0 have no gradient. ``keep``: QDrop
@@ -634,16 +651,8 @@ class _FakeQuantAGQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, tau: float, bits: int, keep: Tensor | None) -> Tensor:
         levels = _levels(_decode_agq, bits, x.device, scale, tau, bits)
-        encode = _agq_encoder(scale, tau, bits)
-        x = x.contiguous()
-        out = torch.empty_like(x)
-
-        def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
-            _lookup(levels, encode(x_p, out_p), into=out_p)
-            _keep_values(keep_p, x_p, out_p)
-
-        ctx.row, ctx.tau, ctx.log2_scale = _slice_row(x, None), tau, _item(torch.log2(scale))
-        _fill_slices(fill, [x, keep, out], ctx.row)
+        x, out, ctx.row = _table_fake_quant(x, keep, levels, _agq_encoder(scale, tau, bits))
+        ctx.tau, ctx.log2_scale = tau, _item(torch.log2(scale))
         ctx.save_for_backward(x, out, keep)
         return out
 
@@ -752,15 +761,8 @@ class _FakeQuantLNQ(torch.autograd.Function):
     def forward(ctx, x: Tensor, clip: Tensor, alpha: Tensor, bits: int, keep: Tensor | None) -> Tensor:
         levels = _levels(_decode_lnq, bits, x.device, clip, alpha, bits)
         encode = _lnq_encoder(clip, alpha, bits)
-        x = x.contiguous()
-        out = torch.empty_like(x)
-
-        def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
-            _lookup(levels, encode(x_p, out_p), into=out_p)
-            _keep_values(keep_p, x_p, out_p)
-
-        ctx.row, ctx.encode, ctx.top = _slice_row(x, None), encode, 2**bits - 1
-        _fill_slices(fill, [x, keep, out], ctx.row)
+        x, out, ctx.row = _table_fake_quant(x, keep, levels, encode)
+        ctx.encode, ctx.top = encode, 2**bits - 1
         ctx.save_for_backward(x, out, keep, clip, alpha)
         return out
 
