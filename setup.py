@@ -7,6 +7,7 @@ setup(
     description="Post-training quantization for SAM and SAM2: AHCQ-SAM, AHCPTQ, PTQ4SAM, SAQ-SAM, QDrop",
     python_requires=">=3.10",
     packages=find_packages(include=["ahcq", "ahcq.*", "projects", "projects.*"]),
+    package_data={"ahcq.quantization": ["native_kernels.c"]},
     install_requires=[
         "torch>=2.1",
         "numpy",

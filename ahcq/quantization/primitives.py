@@ -23,6 +23,8 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
+from ahcq.quantization import native
+
 __all__ = [
     "NonFiniteInputError",
     "checking_finite",
@@ -200,6 +202,24 @@ def _scale_codes_(codes: Tensor, scale: Tensor | float) -> Tensor:
     return codes.add_(0.0).mul_(scale)
 
 
+def _native_uniform(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                    keep: Tensor | None) -> Tensor:
+    """The uniform fake-quant by the fused kernels (``native``): per tensor (0-d ``scale``) or per channel
+    of the last axis of the contiguous ``x`` (``[C]``), with ``_grid``'s float32 reciprocal and bounds."""
+    inv, lo, hi = _grid(scale, zero_point, qmin, qmax)
+    if scale.dim() == 0:
+        return native.uniform(x, _item(inv), float(lo), float(hi), _item(scale), keep)
+    return native.uniform_rows(x, inv, lo, hi, scale, keep)
+
+
+def _native_finite_check(x: Tensor) -> None:
+    """Inside ``checking_finite``, the whole-tensor check the fused kernels need (they do not slice)."""
+    check = _FINITE_CHECK.get()
+    if check is not None:
+        check.verify(x)
+        check.done = True
+
+
 class _FakeQuantUniform(torch.autograd.Function):
     """Uniform fake-quant; straight-through gradient for x, LSQ gradient for scale. ``keep`` (QDrop): those
     elements pass through as ``x`` with identity gradient and give the scale none. Saves ``x``, the output
@@ -210,7 +230,10 @@ class _FakeQuantUniform(torch.autograd.Function):
                 keep: Tensor | None):
         row = _slice_row(x, axis)
         x = x.contiguous()
-        if row == 0:
+        if row and native.usable(x):
+            scale_b, zp_b = (t.float().reshape(-1 if row > 1 else ()) for t in (scale, zero_point))
+            out = _native_uniform(x, scale_b, zp_b, qmin, qmax, keep)
+        elif row == 0:
             scale_b, zp_b = _broadcast_qparams(x, scale, zero_point, axis)
             out = _fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, need_mask=False)[0]
             _keep_values(keep, x, out)
@@ -234,6 +257,11 @@ class _FakeQuantUniform(torch.autograd.Function):
         scale_b, zp_b, qmin, qmax = ctx.grid
         grid = _grid(scale_b, zp_b, qmin, qmax)
         need_x, need_s = ctx.needs_input_grad[:2]
+        if ctx.row == 1 and native.usable(x):
+            inv, lo, hi = grid
+            grad_x, ds = native.uniform_backward(x, out, keep, grad, _item(inv), lo, hi, need_x)
+            grad_s = (_float32(ds) * (1.0 / scale.reshape(()))).reshape(scale.shape) if need_s else None
+            return grad_x, grad_s, None, None, None, None, None
 
         def derivatives(x_p: Tensor, out_p: Tensor, keep_p: Tensor | None) -> _Derivatives:
             # in range (the clamp of _relative_codes leaves the rounded code as it is; a float 0/1 mask, five
@@ -294,6 +322,10 @@ def fake_quant_uniform(
     keep = _check_keep(keep, x)
     if not _needs_grad(x, scale):
         xf, scale = x.float(), scale.float()
+        if ax is None and native.usable(xf):
+            _native_finite_check(xf)
+            return _native_uniform(xf, scale.reshape(()), zero_point.float().reshape(()), qmin, qmax,
+                                   None).to(x.dtype)
         if xf.device.type == "cpu" and ax is None:
             # the grid as Python floats (the same float32 values): the cheapest scalar operands
             s, z = _item(scale), _item(zero_point)
@@ -455,9 +487,55 @@ def _codes_buffer(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
-def _fake_quant_values(encode: Encoder, levels: Tensor, x: Tensor) -> Tensor:
-    """A table-decoded fake-quant without autograd: ``encode`` into the output buffer, then the lookup into
-    the same storage; on CPU slice by slice (``_sliced``)."""
+_TableKey = tuple[object, ...]
+"""The values that define a table-decoded encoder (family, parameters as floats, bits)."""
+_THRESHOLDS: dict[_TableKey, Tensor] = {}
+_MAX_THRESHOLD_SETS = 1024
+
+
+def _native_thresholds(x: Tensor, key: _TableKey, encode: Encoder, levels: Tensor) -> Tensor | None:
+    """The code thresholds of ``encode`` when the fused table kernel takes ``x`` (``native``), else None.
+    Cached by ``key``: a frozen quantizer searches them once, a learning one once per step."""
+    if levels.numel() - 1 > native.MAX_TABLE_THRESHOLDS or not native.usable(x):
+        return None
+    found = _THRESHOLDS.get(key)
+    if found is None:
+        if len(_THRESHOLDS) >= _MAX_THRESHOLD_SETS:
+            _THRESHOLDS.clear()
+        found = _THRESHOLDS[key] = native.code_thresholds(encode, levels.numel())
+    return found
+
+
+def _log_clip(log2_scale: float, tau: float) -> float:
+    """The least input whose log exponent ``round(tau*(log2(max(x, _LOG_FLOOR)) - log2_scale))`` is above 0,
+    i.e. that a log encoder clips to its scale (NaN: none): the fused backward kernels' region test,
+    searched with the torch-op expression of the torch-op backward (``native.code_thresholds``)."""
+    key = ("log-clip", log2_scale, tau)
+    found = _THRESHOLDS.get(key)
+    if found is None:
+        def above(x: Tensor, out: Tensor) -> Tensor:
+            exponent = torch.clamp(x, min=_LOG_FLOOR, out=out).log2_().sub_(log2_scale).mul_(tau)
+            return exponent.round_().clamp_(0, 1)
+
+        if len(_THRESHOLDS) >= _MAX_THRESHOLD_SETS:
+            _THRESHOLDS.clear()
+        found = _THRESHOLDS[key] = native.code_thresholds(above, 2)
+    return _item(found)
+
+
+def _float32(total: float) -> Tensor:
+    """A float64 gradient sum as the float32 0-d tensor the torch-op backward returns."""
+    return torch.tensor(total, dtype=torch.float64).float()
+
+
+def _fake_quant_values(encode: Encoder, levels: Tensor, x: Tensor, key: _TableKey) -> Tensor:
+    """A table-decoded fake-quant without autograd: the fused kernel through ``encode``'s thresholds; or
+    ``encode`` into the output buffer, then the lookup into the same storage, on CPU slice by slice
+    (``_sliced``)."""
+    thresholds = _native_thresholds(x, key, encode, levels)
+    if thresholds is not None:
+        _native_finite_check(x)
+        return native.table(x, thresholds, levels)
     if x.device.type != "cpu":
         check = _FINITE_CHECK.get()
         if check is not None:  # NaN codes would index outside the table
@@ -620,25 +698,32 @@ def _agq_encoder(scale: Tensor, tau: float, bits: int) -> Encoder:
     return masked
 
 
+def _agq_key(scale: Tensor, tau: float, bits: int) -> _TableKey:
+    return ("agq", _item(scale), tau, bits)
+
+
 def _decode_agq(code: Tensor, scale: Tensor, tau: float, bits: int) -> Tensor:
     top = 2**bits - 1
     level = scale * torch.exp2((code - top) / tau)
     return torch.where(code == 0, torch.zeros_like(level), level)
 
 
-def _table_fake_quant(x: Tensor, keep: Tensor | None, levels: Tensor,
-                      encode: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor, int]:
-    """Forward of the table-decoded families (AGQ, LNQ) over cache-sized slices: codes from ``encode``,
-    values from ``levels``, QDrop's kept elements copied back. Returns the contiguous input, the output and
-    the slice row (for the backward)."""
+def _table_fake_quant(x: Tensor, keep: Tensor | None, levels: Tensor, encode: Encoder,
+                      key: _TableKey) -> tuple[Tensor, Tensor, int]:
+    """Forward of the table-decoded families (AGQ, LNQ, HLUQ): the fused kernel, or over cache-sized
+    slices codes from ``encode`` and values from ``levels``; QDrop's kept elements copied back. Returns the
+    contiguous input, the output and the slice row (for the backward)."""
     x = x.contiguous()
+    row = _slice_row(x, None)
+    thresholds = _native_thresholds(x, key, encode, levels)
+    if thresholds is not None:
+        return x, native.table(x, thresholds, levels, keep), row
     out = torch.empty_like(x)
 
     def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
         _lookup(levels, encode(x_p, out_p), into=out_p)
         _keep_values(keep_p, x_p, out_p)
 
-    row = _slice_row(x, None)
     _fill_slices(fill, [x, keep, out], row)
     return x, out, row
 
@@ -651,7 +736,8 @@ class _FakeQuantAGQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, tau: float, bits: int, keep: Tensor | None) -> Tensor:
         levels = _levels(_decode_agq, bits, x.device, scale, tau, bits)
-        x, out, ctx.row = _table_fake_quant(x, keep, levels, _agq_encoder(scale, tau, bits))
+        x, out, ctx.row = _table_fake_quant(x, keep, levels, _agq_encoder(scale, tau, bits),
+                                            _agq_key(scale, tau, bits))
         ctx.tau, ctx.log2_scale = tau, _item(torch.log2(scale))
         ctx.save_for_backward(x, out, keep)
         return out
@@ -660,6 +746,10 @@ class _FakeQuantAGQ(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, out, keep = ctx.saved_tensors
         tau, log2_scale, need_s = ctx.tau, ctx.log2_scale, ctx.needs_input_grad[1]
+        if ctx.row == 1 and native.usable(x):
+            grad_x, ds = native.agq_backward(x, out, keep, grad, _log_clip(log2_scale, tau),
+                                             ctx.needs_input_grad[0])
+            return grad_x, _float32(ds) if need_s else None, None, None, None
 
         def derivatives(x_p: Tensor, out_p: Tensor, keep_p: Tensor | None) -> _Derivatives:
             minus_k = torch.clamp(x_p, min=_LOG_FLOOR).log2_().sub_(log2_scale).mul_(tau).round_()
@@ -710,7 +800,8 @@ def fake_quant_agq(x: Tensor, scale: Tensor, tau: float, bits: int, keep: Tensor
     keep = _check_keep(keep, x)
     if not _needs_grad(x, scale):
         levels = _levels(_decode_agq, bits, x.device, scale, tau, bits)
-        return _fake_quant_values(_agq_encoder(scale, float(tau), bits), levels, x.float())
+        return _fake_quant_values(_agq_encoder(scale, float(tau), bits), levels, x.float(),
+                                  _agq_key(scale, float(tau), bits))
     return _FakeQuantAGQ.apply(x.float(), scale, float(tau), bits, keep)
 
 
@@ -746,6 +837,10 @@ def _lnq_encoder(clip: Tensor, alpha: Tensor, bits: int) -> Encoder:
     return encode
 
 
+def _lnq_key(clip: Tensor, alpha: Tensor, bits: int) -> _TableKey:
+    return ("lnq", _item(clip), _item(alpha), bits)
+
+
 def _decode_lnq(code: Tensor, clip: Tensor, alpha: Tensor, bits: int) -> Tensor:
     top = 2**bits - 1
     return torch.expm1(code / top * torch.log1p(alpha * clip)) / alpha
@@ -761,7 +856,7 @@ class _FakeQuantLNQ(torch.autograd.Function):
     def forward(ctx, x: Tensor, clip: Tensor, alpha: Tensor, bits: int, keep: Tensor | None) -> Tensor:
         levels = _levels(_decode_lnq, bits, x.device, clip, alpha, bits)
         encode = _lnq_encoder(clip, alpha, bits)
-        x, out, ctx.row = _table_fake_quant(x, keep, levels, encode)
+        x, out, ctx.row = _table_fake_quant(x, keep, levels, encode, _lnq_key(clip, alpha, bits))
         ctx.encode, ctx.top = encode, 2**bits - 1
         ctx.save_for_backward(x, out, keep, clip, alpha)
         return out
@@ -824,7 +919,8 @@ def fake_quant_lnq(x: Tensor, clip: Tensor, alpha: Tensor, bits: int, keep: Tens
     keep = _check_keep(keep, x)
     if not _needs_grad(x, clip):
         levels = _levels(_decode_lnq, bits, x.device, clip, alpha, bits)
-        return _fake_quant_values(_lnq_encoder(clip, alpha, bits), levels, x.float())
+        return _fake_quant_values(_lnq_encoder(clip, alpha, bits), levels, x.float(),
+                                  _lnq_key(clip, alpha, bits))
     return _FakeQuantLNQ.apply(x.float(), clip, alpha, bits, keep)
 
 
@@ -864,6 +960,10 @@ def _hluq_encoder(x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int) 
     return encode
 
 
+def _hluq_key(x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int, bits: int) -> _TableKey:
+    return ("hluq", _item(x_min), _item(s1), _item(s2), n_log, bits)
+
+
 def _decode_hluq(code: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int) -> Tensor:
     log_level = s1 * torch.exp2(torch.clamp(code, max=n_log - 1) - (n_log - 1))
     log_level = torch.where(code == 0, torch.zeros_like(log_level), log_level)
@@ -885,15 +985,8 @@ class _FakeQuantHLUQ(torch.autograd.Function):
                 keep: Tensor | None) -> Tensor:
         levels = _levels(_decode_hluq, bits, x.device, x_min, s1, s2, n_log)
         encode = _hluq_encoder(x_min, s1, s2, n_log, bits)
-        x = x.contiguous()
-        out = torch.empty_like(x)
-
-        def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
-            _lookup(levels, encode(x_p, out_p), into=out_p)
-            _keep_values(keep_p, x_p, out_p)
-
-        ctx.row, ctx.steps = _slice_row(x, None), 2**bits - n_log
-        _fill_slices(fill, [x, keep, out], ctx.row)
+        x, out, ctx.row = _table_fake_quant(x, keep, levels, encode, _hluq_key(x_min, s1, s2, n_log, bits))
+        ctx.steps = 2**bits - n_log
         ctx.save_for_backward(x, out, keep, x_min, s1, s2)
         return out
 
@@ -903,6 +996,12 @@ class _FakeQuantHLUQ(torch.autograd.Function):
         need = ctx.needs_input_grad
         x_min_f, s1_f, s2_f, steps = _item(x_min), _item(s1), _item(s2), ctx.steps
         log2_s1, switch = _item(torch.log2(s1)), _item(s1 + s2 / 2)
+        if ctx.row == 1 and native.usable(x):
+            grad_x, ds1, ds2, dx_min = native.hluq_backward(x, out, keep, grad, x_min_f, s1_f, s2_f, switch,
+                                                            steps, _log_clip(log2_s1, 1.0), need[0])
+            grad_x_min = _float32(dx_min).reshape(x_min.shape) if need[1] else None
+            return (grad_x, grad_x_min, _float32(ds1) if need[2] else None,
+                    _float32(ds2) if need[3] else None, None, None, None)
 
         def derivatives(x_p: Tensor, out_p: Tensor, keep_p: Tensor | None) -> _Derivatives:
             u = torch.sub(x_p, x_min_f)
@@ -970,7 +1069,8 @@ def fake_quant_hluq(x: Tensor, x_min: Tensor, s1: Tensor, s2: Tensor, n_log: int
     keep = _check_keep(keep, x)
     if not _needs_grad(x, x_min, s1, s2):
         levels = _levels(_decode_hluq, bits, x.device, x_min, s1, s2, n_log)
-        return _fake_quant_values(_hluq_encoder(x_min, s1, s2, n_log, bits), levels, x.float())
+        return _fake_quant_values(_hluq_encoder(x_min, s1, s2, n_log, bits), levels, x.float(),
+                                  _hluq_key(x_min, s1, s2, n_log, bits))
     return _FakeQuantHLUQ.apply(x.float(), x_min, s1, s2, n_log, bits, keep)
 
 
