@@ -9,7 +9,8 @@
 (c) total optimizer steps of the SAM-B AHCQ-SAM recipe (units x iterations) next to the references' 680 000.
 
 The default run is sized to take a few minutes on two CPU cores (few steps, two images); the full decoder
-case is ``--boxes 300 --images 32`` and needs about 2.5 GB of disk per image in float32.
+case is ``--boxes 300 --images 32`` and needs about 2.5 GB of disk per image in float32, half that with
+``--cache-dtype float16``.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from segment_anything.modeling import (
 from ahcq.models.sam_quantize import quantize_sam
 from ahcq.quantization.api import calibrating, iter_quantizers, quantization_disabled
 from ahcq.quantization.config import load_qconfig
+from ahcq.solver.recon_cache import STORAGE_DTYPES
 from ahcq.solver.recon_loop import LossContext
 from ahcq.solver.reconstruction import ReconSettings, ReconUnit, reconstruct
 
@@ -147,7 +149,7 @@ def decoder_child(args: argparse.Namespace) -> None:
         keys = torch.randn(8, 4096, 256, generator=g)
         attn(torch.randn(8, 7, 256, generator=g), keys, keys)
     settings = ReconSettings.from_qconfig(load_qconfig(args.config), iters=args.decoder_iters,
-                                          chunk_items=args.chunk_items)
+                                          chunk_items=args.chunk_items, cache_dtype=args.cache_dtype)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.cache_dir) as cache_dir:
         result = reconstruct(attn, [ReconUnit("token_to_image", attn)], list(range(args.images)), settings,
@@ -164,14 +166,15 @@ def bench_memory(args: argparse.Namespace) -> None:
            "--images", str(args.images),
            "--max-cache-gb", str(args.max_cache_gb), "--chunk-items", str(args.chunk_items),
            "--decoder-iters", str(args.decoder_iters), "--config", str(args.config), "--threads",
-           str(args.threads)]
+           str(args.threads), "--cache-dtype", args.cache_dtype]
     if args.cache_dir:
         cmd += ["--cache-dir", str(args.cache_dir)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     stats = json.loads(out)
     gb = 2**30
     print(f"(b) decoder token->image unit, {args.boxes} boxes x {args.images} images, chunks of "
-          f"{args.chunk_items} boxes, {stats['steps']} steps, --max-cache-gb {args.max_cache_gb}")
+          f"{args.chunk_items} boxes, {stats['steps']} steps, --max-cache-gb {args.max_cache_gb}, cache in "
+          f"{args.cache_dtype}")
     print(f"    peak RSS {stats['peak_rss'] / gb:.2f} GB (target <= 8), cache in memory "
           f"{stats['cache_peak'] / gb:.2f} GB, spilled to disk {stats['spilled'] / gb:.2f} GB, "
           f"{stats['seconds']:.0f} s")
@@ -216,6 +219,8 @@ def main() -> None:
     parser.add_argument("--decoder-iters", type=int, default=4)
     parser.add_argument("--max-cache-gb", type=float, default=2.0)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--cache-dtype", default="float32", choices=sorted(STORAGE_DTYPES),
+                        help="(b) storage type of the cached activations (recon.cache_dtype)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--decoder-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

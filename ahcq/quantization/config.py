@@ -252,10 +252,12 @@ class EarlyStopConfig:
 
 @dataclass(frozen=True)
 class ReconConfig:
-    """Block reconstruction: reference ``recon.*`` plus ``enabled``, ``units``, ``early_stop``, ``qdrop``.
+    """Block reconstruction: reference ``recon.*`` plus ``enabled``, ``units``, ``early_stop``, ``qdrop``,
+    ``cache_dtype``.
 
     ``drop_prob`` is the probability that an element stays *quantized* (1.0 = BRECQ, no dropping); QDrop
-    dropping happens only when ``qdrop`` is true and ``drop_prob < 1``.
+    dropping happens only when ``qdrop`` is true and ``drop_prob < 1``. ``cache_dtype``: float16/bfloat16
+    halves the cached unit inputs and outputs (memory and spill to disk) at that type's precision.
     """
 
     enabled: bool = _opt(True, _boolean)
@@ -273,6 +275,7 @@ class ReconConfig:
     units: str = _opt("blocks", _choice(("blocks", "stages")))
     early_stop: EarlyStopConfig | None = field(default=None, metadata={"section": EarlyStopConfig})
     qdrop: bool = _opt(True, _boolean)
+    cache_dtype: str = _opt("float32", _choice(("float32", "float16", "bfloat16")))
 
     @property
     def dropping(self) -> bool:

@@ -4,6 +4,10 @@ Entries are nested ``(args, kwargs)`` / output structures of tensors. Tensors ar
 dimension broadcast with stride 0 (a per-image embedding expanded over its boxes) keeps one copy and is
 re-expanded on load, so the cache pays for what is distinct, not for what was materialised by ``expand``.
 
+``storage_dtype`` (``recon.cache_dtype``) halves the cache with float16 or bfloat16 copies of the float32
+tensors (those whose values the narrower type holds: finite and within its range; others stay float32);
+they come back as float32, rounded to the narrower type's precision.
+
 Item axis: dim 0 of a sample's tensors (boxes of an image, windows of an image). ``ItemPlan`` caps the
 items kept per sample (a seeded random subset, recorded) and splits them into chunks, so one optimizer step
 and one propagation forward touch one chunk; memory per step is then bounded whatever the box count.
@@ -23,18 +27,28 @@ import torch
 from .recon_units import map_tensors, tensor_leaves
 from .seeding import stream
 
-__all__ = ["ActivationCache", "ItemPlan", "compact_copy", "nbytes", "select_items"]
+__all__ = ["STORAGE_DTYPES", "ActivationCache", "ItemPlan", "compact_copy", "nbytes", "select_items"]
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def compact_copy(t: torch.Tensor) -> torch.Tensor:
-    """A detached CPU copy of ``t``; broadcast (stride-0) dimensions stay broadcast views of one copy."""
+def compact_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A detached CPU copy of ``t`` (cast to ``dtype`` when given); broadcast (stride-0) dimensions stay
+    broadcast views of one copy."""
     t = t.detach()
     base = t
     for d in range(t.dim()):
         if t.stride(d) == 0 and t.shape[d] > 1:
             base = base.narrow(d, 0, 1)
-    base = base.to("cpu", copy=True).contiguous()
+    base = base.to("cpu", dtype=dtype or base.dtype, copy=True).contiguous()
     return base.expand(t.shape) if base.shape != t.shape else base
+
+
+def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the float32 ``t`` is stored as ``dtype``: finite and inside its range."""
+    if t.dtype != torch.float32 or dtype == torch.float32 or t.numel() == 0:
+        return False
+    return float(t.detach().abs().max()) <= torch.finfo(dtype).max  # False for NaN
 
 
 def nbytes(value: Any) -> int:
@@ -102,14 +116,19 @@ class ActivationCache:
     ``directory`` holds the spilled chunks (a private temporary folder when ``None``; removed by ``close``).
     """
 
-    def __init__(self, max_bytes: int, directory: str | Path | None = None) -> None:
+    def __init__(self, max_bytes: int, directory: str | Path | None = None,
+                 storage_dtype: torch.dtype = torch.float32) -> None:
         if max_bytes < 0:
             raise ValueError(f"ActivationCache: max_bytes must be >= 0, got {max_bytes}")
+        if storage_dtype not in STORAGE_DTYPES.values():
+            raise ValueError(f"ActivationCache: storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got "
+                             f"{storage_dtype}")
         self.max_bytes = int(max_bytes)
+        self.storage_dtype = storage_dtype
         self._own_dir = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="recon-cache-")) if self._own_dir else Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._memory: dict[Hashable, tuple[Any, int]] = {}
+        self._memory: dict[Hashable, tuple[Any, int, list[bool]]] = {}
         self._disk: dict[Hashable, Path] = {}
         self.memory_bytes = 0
         self.peak_memory_bytes = 0
@@ -126,30 +145,54 @@ class ActivationCache:
         yield from list(self._memory)
         yield from list(self._disk)
 
+    def _narrow(self, value: Any) -> tuple[Any, list[bool]]:
+        """Compact CPU copies in the storage type where it holds them, and which leaves were narrowed."""
+        narrowed: list[bool] = []
+
+        def store(t: torch.Tensor) -> torch.Tensor:
+            narrowed.append(_fits(t, self.storage_dtype))
+            return compact_copy(t, self.storage_dtype if narrowed[-1] else None)
+
+        return map_tensors(value, store), narrowed
+
+    @staticmethod
+    def _widen(value: Any, narrowed: list[bool]) -> Any:
+        if not any(narrowed):
+            return value
+        flags = iter(narrowed)
+        return map_tensors(value, lambda t: compact_copy(t, torch.float32) if next(flags) else t)
+
+    def as_stored(self, value: Any) -> Any:
+        """``value`` as ``get`` would return it after ``put``: at the storage type's precision."""
+        return self._widen(*self._narrow(value))
+
     def put(self, key: Hashable, value: Any) -> None:
         """Store a compact CPU copy of ``value`` under ``key`` (replacing an older entry)."""
         self.pop(key)
-        value = map_tensors(value, compact_copy)
+        value, narrowed = self._narrow(value)
         size = nbytes(value)
         if self.memory_bytes + size <= self.max_bytes:
-            self._memory[key] = (value, size)
+            self._memory[key] = (value, size, narrowed)
             self.memory_bytes += size
             self.peak_memory_bytes = max(self.peak_memory_bytes, self.memory_bytes)
             return
         self._counter += 1
         path = self.directory / f"chunk-{self._counter:08d}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save(value, tmp)
+        torch.save({"value": value, "narrowed": narrowed}, tmp)
         os.replace(tmp, path)
         self._disk[key] = path
         self.spilled_bytes += size
 
     def get(self, key: Hashable) -> Any:
         if key in self._memory:
-            return self._memory[key][0]
-        if key in self._disk:
-            return torch.load(self._disk[key], weights_only=True)
-        raise KeyError(f"activation cache has no entry {key!r}")
+            value, _, narrowed = self._memory[key]
+        elif key in self._disk:
+            stored = torch.load(self._disk[key], weights_only=True)
+            value, narrowed = stored["value"], stored["narrowed"]
+        else:
+            raise KeyError(f"activation cache has no entry {key!r}")
+        return self._widen(value, narrowed)
 
     def pop(self, key: Hashable) -> None:
         """Forget ``key`` (and delete its file); absent keys are ignored."""

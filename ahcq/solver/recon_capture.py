@@ -123,10 +123,11 @@ class _Recorder:
 
 
 def _check_chain(units: Sequence[ReconUnit], cache: ActivationCache, first_outputs: dict[int, Any]) -> None:
-    """Each unit's ``feed`` applied to the previous float output must give its float inputs back."""
+    """Each unit's ``feed`` applied to the previous float output must give its float inputs back (both at
+    the cache's storage precision)."""
     for k in range(1, len(units)):
         own = cache.get(("fin", k, 0, 0))
-        fed = units[k].feed(first_outputs[k - 1], own)
+        fed = cache.as_stored(units[k].feed(first_outputs[k - 1], own))
         a, b = tensor_leaves(fed), tensor_leaves(own)
         same = len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
         if not same:

@@ -30,6 +30,7 @@ from ahcq.quantization.api import assert_fully_quantized, dropping
 from ahcq.quantization.quantizers import BetaSchedule, CAGQuantizer, Mode, progressive_schedule
 from ahcq.quantization.quantizers.base import keep_mask
 
+from .recon_cache import STORAGE_DTYPES
 from .recon_units import Inputs, ReconUnit, adaround_quantizers, map_tensors, scale_parameters
 from .seeding import stream
 
@@ -54,6 +55,7 @@ class ReconSettings:
     seed: int = 0
     max_items: int | None = None
     chunk_items: int | None = None
+    cache_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1:
@@ -61,6 +63,9 @@ class ReconSettings:
                              f"{self.batch_size})")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise ValueError(f"ReconSettings: drop_prob must be in [0, 1], got {self.drop_prob}")
+        if self.cache_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"ReconSettings: cache_dtype must be one of {sorted(STORAGE_DTYPES)}, got "
+                             f"{self.cache_dtype!r}")
         if list(self.regroup_fractions) != sorted(self.regroup_fractions) or not all(
                 0 < f < 1 for f in self.regroup_fractions):
             raise ValueError(f"ReconSettings: regroup_fractions must increase inside (0, 1), "
@@ -77,6 +82,7 @@ class ReconSettings:
             regroup_fractions=tuple(qconfig.cag.regroup_fractions), seed=qconfig.seed,
             patience=r.early_stop.patience if r.early_stop is not None else None,
             min_delta=r.early_stop.min_delta if r.early_stop is not None else 0.0,
+            cache_dtype=r.cache_dtype,
         )
         values.update(overrides)
         return cls(**values)

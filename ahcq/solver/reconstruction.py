@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ahcq.quantization.api import assert_fully_quantized, iter_quantizers, set_mode
 from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
 
-from .recon_cache import ActivationCache, ItemPlan
+from .recon_cache import STORAGE_DTYPES, ActivationCache, ItemPlan
 from .recon_capture import CaptureIndex, capture, module_device, propagate, release, to_device
 from .recon_loop import ExtraLoss, ReconSettings, UnitReport, reconstruct_unit
 from .recon_state import load_state, save_state
@@ -134,7 +134,8 @@ def reconstruct(
         assert_fully_quantized(model)
         return result
     plan = ItemPlan(settings.seed, settings.max_items, settings.chunk_items)
-    with ActivationCache(int(max_cache_gb * 2**30), cache_dir) as cache:
+    storage = STORAGE_DTYPES[settings.cache_dtype]
+    with ActivationCache(int(max_cache_gb * 2**30), cache_dir, storage) as cache:
         index = capture(model, units, samples, forward, cache, plan, progress)
         for k in range(result.resumed_at):
             propagate(units, k, cache, index, progress)

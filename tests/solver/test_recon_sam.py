@@ -154,8 +154,9 @@ def nearest(sam):
     return plain
 
 
-def test_reconstruction_lowers_the_output_error_of_calibration_only():
-    cfg = qconfig(iters=25, weight_lr=3e-2, scale_lr=1e-3)
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
+def test_reconstruction_lowers_the_output_error_of_calibration_only(cache_dtype):
+    cfg = qconfig(iters=25, weight_lr=3e-2, scale_lr=1e-3, cache_dtype=cache_dtype)
     sam, samples = calibrated(cfg)
     baseline = chain_output_error(nearest(sam), samples)
     report = reconstruct_sam(sam, samples, cfg, device="cpu", progress=False)

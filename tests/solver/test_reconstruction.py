@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from test_reconstruction_helpers import calibration_data, make_model
 
 from ahcq.quantization.api import NotFullyQuantizedError, assert_fully_quantized, iter_quantizers
+from ahcq.quantization.config import ConfigError, load_qconfig, parse_qconfig
 from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode, Role
 from ahcq.solver.recon_loop import LossContext, _regroup
 from ahcq.solver.reconstruction import ReconSettings, reconstruct, units_from_names
 
+REPO = Path(__file__).resolve().parents[2]
 UNITS = ["blocks.0", "blocks.1", "blocks.2"]
 FAST = dict(iters=30, weight_lr=1e-2, scale_lr=1e-3, drop_prob=0.5)
 
@@ -166,6 +169,23 @@ def test_spilled_cache_gives_the_same_result(tmp_path):
     assert result.spilled_bytes > 0 and result.peak_cache_bytes == 0
     assert_same_state(in_memory, on_disk)
     assert not any(tmp_path.iterdir())
+
+
+def test_half_precision_cache_halves_the_spill_and_still_reconstructs(tmp_path):
+    full, half = make_model(), make_model()
+    reference, baseline = float_twin(half), nearest_rounding(half)
+    settings = {**FAST, "iters": 60, "weight_lr": 3e-2, "drop_prob": 1.0}
+    wide = run(full, ReconSettings(**settings), max_cache_gb=0, cache_dir=tmp_path / "float32")
+    narrow = run(half, ReconSettings(**settings, cache_dtype="float16"), max_cache_gb=0,
+                 cache_dir=tmp_path / "float16")
+    assert narrow.spilled_bytes <= 0.55 * wide.spilled_bytes
+    assert output_error(half, reference) < 0.8 * output_error(baseline, reference)
+    data = load_qconfig(REPO / "exp" / "qdrop" / "w4a4.yaml").to_dict()
+    data["recon"]["cache_dtype"] = "bfloat16"
+    assert ReconSettings.from_qconfig(parse_qconfig(data)).cache_dtype == "bfloat16"
+    data["recon"]["cache_dtype"] = "int8"
+    with pytest.raises(ConfigError, match="cache_dtype"):
+        parse_qconfig(data)
 
 
 def test_cag_regroups_without_restarting_the_lr_schedule():

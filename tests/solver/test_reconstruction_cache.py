@@ -44,6 +44,34 @@ def test_compact_copy_keeps_broadcast_dims_small(tmp_path):
     assert sum(p.stat().st_size for p in tmp_path.iterdir()) < 50 * PIXELS * D * 4 / 10
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("budget", [2**20, 0])  # in memory, spilled to disk
+def test_narrow_storage_halves_the_cache_and_returns_float32(tmp_path, dtype, budget):
+    base = torch.randn(1, PIXELS, D)
+    wide = torch.randn(4, PIXELS, D) * 1e6  # beyond float16's range: stored as float32 under float16
+    nan = torch.randn(4, D)
+    nan[0, 0] = float("nan")
+    codes = torch.arange(6)
+    cache = ActivationCache(budget, tmp_path, dtype)
+    cache.put("k", ((base.expand(50, PIXELS, D), wide), {"nan": nan, "codes": codes}))
+    (loaded, loaded_wide), side = cache.get("k")
+    assert loaded.dtype == torch.float32 and loaded.stride(0) == 0  # still one broadcast copy
+    assert torch.equal(loaded[7], base[0].to(dtype).float()) and not torch.equal(loaded[7], base[0])
+    if dtype == torch.float16:
+        assert torch.equal(loaded_wide, wide)
+    else:
+        assert torch.equal(loaded_wide, wide.to(dtype).float())
+    assert torch.equal(side["nan"].isnan(), nan.isnan()) and torch.equal(side["nan"][1:], nan[1:])  # float32
+    assert torch.equal(side["codes"], codes)
+    narrow_bytes = base.numel() * 2 + wide.numel() * (4 if dtype == torch.float16 else 2)
+    stored = cache.memory_bytes if budget else cache.spilled_bytes
+    assert stored == narrow_bytes + nan.numel() * 4 + codes.numel() * 8
+    with pytest.raises(ValueError, match="storage_dtype"):
+        ActivationCache(0, tmp_path, torch.float64)
+    with pytest.raises(ValueError, match="cache_dtype"):
+        ReconSettings(cache_dtype="int8")
+
+
 def test_cache_budget_spills_and_cleans_up(tmp_path):
     cache = ActivationCache(3 * 400, tmp_path)
     values = {i: torch.randn(100) for i in range(5)}
