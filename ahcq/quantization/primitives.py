@@ -84,8 +84,16 @@ def qparams_from_minmax(xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool) 
     if symmetric:
         scale = torch.clamp(torch.maximum(-lo, hi) / ((qmax - qmin) / 2), min=SCALE_EPS)
         return scale, torch.zeros_like(scale)
-    scale = torch.clamp((hi - lo) / (qmax - qmin), min=SCALE_EPS)
+    width = hi - lo
+    # a range wider than float32 (e.g. [-3e38, 3e38]) would give an infinite scale: divide first there
+    width = torch.where(torch.isfinite(width), width / (qmax - qmin), hi / (qmax - qmin) - lo / (qmax - qmin))
+    scale = torch.clamp(width, min=SCALE_EPS)
     zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    ends = torch.stack([(qmin - zero_point) * scale, (qmax - zero_point) * scale])
+    if not bool(torch.isfinite(ends).all()):
+        widest = f"[{float(lo.min()):g}, {float(hi.max()):g}]"
+        raise ValueError(f"qparams_from_minmax: a range as wide as {widest} has {bits}-bit grid levels "
+                         "beyond float32 (with zero on the grid); clip the range")
     return scale, zero_point
 
 

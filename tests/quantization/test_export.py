@@ -15,6 +15,7 @@ from ahcq.quantization.export import (
 from ahcq.quantization.layers import QuantLinear
 from ahcq.quantization.quantizers import (
     AdaRoundQuantizer,
+    AGQuantizer,
     CAGQuantizer,
     FixedQuantizer,
     HLUQuantizer,
@@ -144,3 +145,24 @@ def test_attention_probs_export(tmp_path):
     alpha, clip = float(data["alpha"]), float(data["clip"])
     expected = np.expm1(np.arange(16) / 15 * np.log1p(alpha * clip)) / alpha
     assert np.allclose(data["levels"], expected, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("error")
+def test_learnable_parameters_export_without_autograd_warnings():
+    """``export`` outside ``no_grad`` reads learnable scales as plain numbers (torch warns on ``float`` of a
+    tensor that requires grad; it warns once per process unless told to warn always)."""
+    probs = torch.softmax(torch.randn(2, 6, 6) * 2, dim=-1)
+    quantizers = [HLUQuantizer(Role.INPUT, 6, name="hluq"), AGQuantizer(Role.ATTN_PROB, 4, name="agq")]
+    torch._C._set_warnAlways(True)
+    try:
+        for q in quantizers:
+            assert any(p.requires_grad for p in q.parameters())
+            q.set_mode(Mode.CALIBRATE)
+            if isinstance(q, AGQuantizer):
+                q(probs, value=torch.randn(2, 6, 4))
+            else:
+                q(probs)
+            q.set_mode(Mode.QUANTIZE)
+            assert np.isfinite([float(v) for k, v in q.export().items() if k != "kind"]).all()
+    finally:
+        torch._C._set_warnAlways(False)

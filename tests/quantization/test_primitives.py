@@ -50,7 +50,8 @@ def test_qrange_rejects_bits(bits) -> None:
 @pytest.mark.parametrize("symmetric", SIGNS)
 @pytest.mark.parametrize(
     "lo,hi",
-    [(0.0, 0.0), (3.0, 3.0), (-2.0, -2.0), (-5.0, -0.5), (0.5, 7.0), (-1.0, 2.0), (-1e-30, 1e-30)],
+    [(0.0, 0.0), (3.0, 3.0), (-2.0, -2.0), (-5.0, -0.5), (0.5, 7.0), (-1.0, 2.0), (-1e-30, 1e-30),
+     (0.0, 3.4e38)],
 )
 def test_qparams_degenerate_ranges(bits: int, symmetric: bool, lo: float, hi: float) -> None:
     qmin, qmax = P.qrange(bits, symmetric)
@@ -80,6 +81,17 @@ def test_qparams_per_channel_shapes_and_reference() -> None:
     scale, zp = P.qparams_from_minmax(lo, hi, 4, True)
     np.testing.assert_allclose(scale.numpy(), [2 / 7.5, P.SCALE_EPS, 3 / 7.5, 4 / 7.5], rtol=1e-6)
     assert torch.all(zp == 0)
+
+
+def test_qparams_of_ranges_near_float32_max() -> None:
+    # the width overflows float32, the 8-bit grid does not: its levels reach both ends
+    scale, zp = P.qparams_from_minmax(torch.tensor(-3e38), torch.tensor(3e38), 8, False)
+    ends = torch.tensor([-3e38, 3e38])
+    out = P.fake_quant_uniform(ends, scale, zp, 0, 255)
+    assert torch.isfinite(out).all() and (out - ends).abs().max() <= scale / 2 * (1 + 1e-5)
+    # at 3 bits zero on the grid puts a level at -4 * 6e38 / 7, beyond float32: refused, not inf
+    with pytest.raises(ValueError, match="beyond float32"):
+        P.qparams_from_minmax(torch.tensor(-3e38), torch.tensor(3e38), 3, False)
 
 
 def test_qparams_rejects_bad_input() -> None:

@@ -103,5 +103,5 @@ class AGQuantizer(Quantizer):
             "kind": np.array("agq"),
             "bits": np.array(self.bits, dtype=np.int32),
             "tau": np.array(float(self.tau), dtype=np.float32),
-            "scale": np.array(float(self._scale()), dtype=np.float32),
+            "scale": np.array(float(self._scale().detach()), dtype=np.float32),
         }

@@ -135,8 +135,8 @@ class HLUQuantizer(Quantizer):
         return {
             "kind": np.array("hluq"),
             "bits": np.array(self.bits, dtype=np.int32),
-            "x_min": np.array(float(x_min), dtype=np.float32),
-            "s1": np.array(float(s1), dtype=np.float32),
-            "s2": np.array(float(s2), dtype=np.float32),
+            "x_min": np.array(float(x_min.detach()), dtype=np.float32),
+            "s1": np.array(float(s1.detach()), dtype=np.float32),
+            "s2": np.array(float(s2.detach()), dtype=np.float32),
             "n_log": np.array(n_log, dtype=np.int32),
         }
