@@ -36,10 +36,29 @@ def build_split(data_cfg: Any, limit: int | None = None, filter_empty: bool = Fa
     dropped), as the references did for the calibration images.
     """
     dataset = build_dataset(dict(data_cfg, test_mode=not filter_empty))
+    _renumber_annotation_id_zero(dataset)
     if limit is not None:
         dataset.data_infos = dataset.data_infos[:limit]
         dataset.img_ids = dataset.img_ids[:limit]
     return dataset
+
+
+def _renumber_annotation_id_zero(dataset: Any) -> None:
+    """Shift every annotation id up by one when some annotation has id 0.
+
+    COCOeval records a match as the matched annotation's id, so id 0 reads as "unmatched": a detection
+    matching that ground truth would count as a false positive and the ground truth as missed. Nothing
+    downstream refers to annotation ids (results name images and categories), so the shift is safe.
+    """
+    coco = getattr(dataset, "coco", None)
+    if coco is None or 0 not in coco.anns:
+        return
+    logger.warning("%s: annotation id 0 found; annotation ids are shifted by one for COCOeval",
+                   getattr(dataset, "ann_file", "dataset"))
+    for ann in coco.dataset["annotations"]:
+        ann["id"] += 1
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco.createIndex()
 
 
 def pipeline_items(dataset: Any, indices: Sequence[int]) -> Iterator[tuple[torch.Tensor, dict]]:

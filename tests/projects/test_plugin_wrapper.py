@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import warnings
 
@@ -14,6 +16,7 @@ from mmdet.apis import inference_detector
 from mmdet.core import encode_mask_results
 from mmdet.datasets.pipelines import Compose
 from plugin_helpers import (
+    CONFIGS,
     YOLOX_TINY,
     category_of,
     coco_stats,
@@ -25,6 +28,7 @@ from plugin_helpers import (
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from ahcq.solver.evaluation import build_split
 from projects.instance_segment_anything import DetWrapperInstanceSAM, GTBoxPrompt, MMDetPrompt
 from projects.instance_segment_anything.detector import _loaded_images
 from projects.instance_segment_anything.results import to_mmdet_results
@@ -117,6 +121,20 @@ def test_results_hold_ground_truth_boxes_and_full_size_masks(shapes_coco):
             assert [tuple(m["size"]) for m in segm_results[label]] == [(info["height"], info["width"])] * len(
                 expected
             )
+
+
+def test_annotation_id_zero_is_matched_in_evaluation(labelme_coco):
+    """Debian's labelme json numbers annotations from 0; pycocotools would count that ground truth as
+    missed and its ground-truth box prompt as a false positive, so bbox mAP would fall short of 1."""
+    raw = dict(labelme_coco, ann_file=os.path.join(labelme_coco["img_prefix"], "annotations.json"))
+    assert 0 in COCO(raw["ann_file"]).anns
+    cfg = mmcv.Config.fromfile(str(CONFIGS / "_base_" / "coco_instance_sam.py"))
+    dataset = build_split(dict(cfg.data.test, **raw))
+    assert 0 not in dataset.coco.anns and len(dataset.coco.anns) == len(COCO(raw["ann_file"]).anns)
+    results = run_mmdet_test(_model(raw, use_box_score=False), dataset)
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = dataset.evaluate(results, metric=["bbox"])
+    assert metrics["bbox_mAP"] == 1.0
 
 
 def test_pipeline_gives_the_loaded_image_back(labelme_coco):

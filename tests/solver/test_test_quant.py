@@ -151,8 +151,14 @@ def _pseudo_gt(ann_file: Path, dets: list[dict], out: Path) -> Path:
 
 
 def _reference_ap(gt_file: Path, dets: list[dict]) -> float:
-    """COCO segm AP x 100 of the reference masks, straight from pycocotools."""
-    gt = _quiet_coco(gt_file)
+    """COCO segm AP x 100 of the reference masks, straight from pycocotools, on annotation ids from 1
+    (COCOeval reads a match with annotation id 0 as no match; labelme's json starts at 0)."""
+    data = json.loads(gt_file.read_text())
+    for ann in data["annotations"]:
+        ann["id"] += 1
+    shifted = gt_file.with_name(f"{gt_file.stem}.ids_from_1.json")
+    shifted.write_text(json.dumps(data))
+    gt = _quiet_coco(shifted)
     results = [{"image_id": d["image_id"], "category_id": d["category_id"], "segmentation": _rle(d["mask"]),
                 "score": d["score"]} for d in dets]
     with contextlib.redirect_stdout(io.StringIO()):
