@@ -1,78 +1,34 @@
-"""From a ``QConfig`` and a resolved role map to built quantizers: the steps ``quantize_sam`` and
-``quantize_sam2`` share.
+"""Attention-twin slots from the one resolver: the step ``quantize_sam`` and ``quantize_sam2`` add to
+``ahcq.quantization.recipe.quantize_layers``.
 
-Order of precedence for an activation slot (later wins): ``a_qconfig`` (``decoder_a_qconfig`` under the
-mask decoder when a config splits them), the role map, then the config's own ``overrides``. Linear/Conv
-layers are swapped by the generic ``api.quantize`` (weights per ``w_qconfig``); the attention twins'
-q/k/v/prob slots are filled here, because they are not layers the generic API knows.
+Linear/Conv layers are swapped by the resolver (weights per ``w_qconfig``, role-table inputs as site
+features); the attention twins' q/k/v/prob slots are filled here, because they are not layers the generic
+API knows. Precedence is the resolver's: the activation recipe (the decoder's under the decoder pattern),
+the role-table feature, then the config's own ``overrides``.
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-import re
 from collections.abc import Iterable
-from typing import Any
 
 from torch import nn
 
 from ahcq.models.roles import RoleAssignment, matching
 from ahcq.models.sam_attention import ATTENTION_SLOTS, EmptySlot
 from ahcq.quantization import api
-from ahcq.quantization.config import QConfig, QSpecConfig
+from ahcq.quantization.recipe import SiteFields, UserOverrides
 
-__all__ = ["UserOverrides", "fill_twin_slots", "override_matches", "quantize_layers", "user_overrides"]
-
-UserOverrides = list[tuple[str, dict[str, Any] | None]]
+__all__ = ["fill_twin_slots", "input_sites", "skip_patterns"]
 
 
-def override_matches(pattern: str, name: str) -> bool:
-    """Override patterns as ``api.quantize`` reads them: ``fnmatch``, or a full-match regex after ``re:``."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
+def skip_patterns(float_patterns: Iterable[str]) -> list[str]:
+    """``api.quantize`` skip patterns that keep each kept-float module and everything under it float."""
+    return [p for pattern in float_patterns for p in (pattern, f"{pattern}.*")]
 
 
-def _spec_fields(spec: QSpecConfig | dict[str, Any]) -> dict[str, Any]:
-    """YAML recipe keys -> ``QuantSpec`` fields (``bit`` -> ``bits``; unset keys dropped)."""
-    items = dataclasses.asdict(spec) if isinstance(spec, QSpecConfig) else dict(spec)
-    return {("bits" if k == "bit" else k): v for k, v in items.items() if v is not None}
-
-
-def user_overrides(qconfig: QConfig) -> UserOverrides:
-    """The config's ``overrides`` as ``api.quantize`` takes them (``None`` keeps the match float)."""
-    out: UserOverrides = []
-    for o in qconfig.overrides:
-        partial = {slot: _spec_fields(dict(items)) for slot, items in (("act", o.act), ("weight", o.weight))
-                   if items}
-        out.append((o.pattern, None if o.keep_float else partial))
-    return out
-
-
-def _decoder_split(qconfig: QConfig) -> dict[str, dict[str, Any]]:
-    """SAQ-SAM's separate decoder recipes, where they differ from the default ones."""
-    split = {"act": (qconfig.decoder_a_qconfig, qconfig.a_qconfig),
-             "weight": (qconfig.decoder_w_qconfig, qconfig.w_qconfig)}
-    return {slot: _spec_fields(dec) for slot, (dec, default) in split.items()
-            if dec is not None and dec != default}
-
-
-def quantize_layers(
-    model: nn.Module, qconfig: QConfig, role_map: list[RoleAssignment], user: UserOverrides,
-    float_patterns: tuple[str, ...], decoder_pattern: str,
-) -> tuple[api.QuantSpec, api.QuantSpec]:
-    """Swap the Linear/Conv layers of ``model`` outside ``float_patterns`` (``api.quantize``).
-
-    Returns the activation recipes of the attention slots: the default one and the mask decoder's.
-    """
-    act = api.QuantSpec(**_spec_fields(qconfig.a_qconfig))
-    weight = api.QuantSpec(**_spec_fields(qconfig.w_qconfig))
-    decoder = _decoder_split(qconfig)
-    overrides: UserOverrides = [(decoder_pattern, decoder)] if decoder else []
-    overrides += [(a.pattern, {"act": a.overrides}) for a in role_map if a.slot == "input" and a.overrides]
-    skip = [p for pattern in float_patterns for p in (pattern, f"{pattern}.*")]
-    api.quantize(model, act=act, weight=weight, overrides=overrides + user, skip=skip)
-    return act, act.updated(decoder["act"], "decoder_a_qconfig") if "act" in decoder else act
+def input_sites(role_map: list[RoleAssignment]) -> SiteFields:
+    """The role map's Linear/Conv input rows as the resolver's site features."""
+    return [(a.pattern, a.overrides) for a in role_map if a.slot == "input" and a.overrides]
 
 
 def _slot_quantizer(
@@ -87,7 +43,7 @@ def _slot_quantizer(
     for row in rows:
         spec = spec.updated(row.overrides, f"{label} {row.pattern!r} [{slot}]")
     for pattern, override in user:
-        if not override_matches(pattern, full):
+        if not api.name_matches(pattern, full):
             continue
         if override is None:
             return EmptySlot()

@@ -4,19 +4,13 @@ A role table (``sam_roles``, ``sam2_roles``) says, for every quantizer slot of a
 quantizer kind. Each row names modules by pattern (``fnmatch``, as ``ahcq.quantization.api``; ``*`` also
 crosses dots) and a slot: ``input`` is the input quantizer of a ``QuantLinear``/``QuantConv2d``;
 ``q``/``k``/``v``/``prob`` are the attention twins' slots. Weight slots are not listed: every quantized
-Linear/Conv takes ``w_qconfig`` per output channel. A row's ``kind`` is a method feature that the config
-resolves:
+Linear/Conv takes ``w_qconfig`` per output channel. A row's ``kind`` is a ``recipe.Feature`` that the one
+resolver (``ahcq.quantization.recipe.feature_fields``) turns into quantizer settings under the config's
+method switches.
 
-=================  ==============================================================================
-``uniform``        ``a_qconfig`` as it is
-``cag``            channel-aware grouping when ``ahcptq.cag``
-``hluq``           hybrid log-uniform when ``ahcptq.hluq``
-``agq_softmax``    AGQ when ``ptq4sam.AGQ``
-``lnq_softmax``    LNQ when ``lnq.enabled`` (AHCQ-SAM), else AGQ when ``ptq4sam.AGQ``
-=================  ==============================================================================
-
-``big`` marks the key slots that PTQ4SAM's bimodal integration (BIG) acts on. BIG is an offline sign
-folding, not a quantizer kind, so the slot's quantizer stays uniform.
+``big`` marks the key slots that PTQ4SAM's bimodal integration (BIG) folds signs into. BIG is an offline
+sign folding; the key quantizers of every decoder attention are ``Feature.BIG_KEY`` (uniform, with
+PTQ4SAM's MSE range search when BIG is on).
 """
 from __future__ import annotations
 
@@ -27,9 +21,10 @@ from torch import nn
 
 from ahcq.quantization.config import QConfig
 from ahcq.quantization.quantizers import Role
+from ahcq.quantization.recipe import Feature, feature_fields
 
 __all__ = [
-    "RoleAssignment", "RoleRule", "attention_rules", "decoder_rules", "matching", "resolve_table",
+    "Feature", "RoleAssignment", "RoleRule", "attention_rules", "decoder_rules", "matching", "resolve_table",
     "table_big_sites",
 ]
 
@@ -40,34 +35,38 @@ class RoleRule(NamedTuple):
     pattern: str
     slot: str
     role: Role
-    kind: str
+    kind: Feature
     big: bool = False
 
 
-def attention_rules(pattern: str, prob_kind: str) -> tuple[RoleRule, ...]:
-    """The rows of an attention twin's slots: uniform q, k and v, and ``prob_kind`` on the probabilities."""
+def attention_rules(pattern: str, prob_kind: Feature, key_kind: Feature = Feature.UNIFORM
+                    ) -> tuple[RoleRule, ...]:
+    """The rows of an attention twin's slots: uniform q and v, ``key_kind`` on k, ``prob_kind`` on the
+    probabilities."""
     return (
-        RoleRule(pattern, "q", Role.QUERY, "uniform"),
-        RoleRule(pattern, "k", Role.KEY, "uniform"),
-        RoleRule(pattern, "v", Role.VALUE, "uniform"),
+        RoleRule(pattern, "q", Role.QUERY, Feature.UNIFORM),
+        RoleRule(pattern, "k", Role.KEY, key_kind),
+        RoleRule(pattern, "v", Role.VALUE, Feature.UNIFORM),
         RoleRule(pattern, "prob", Role.ATTN_PROB, prob_kind),
     )
 
 
-def decoder_rules(transformer: str, prob_kind: str, mlp: tuple[str, str]) -> tuple[RoleRule, ...]:
+def decoder_rules(transformer: str, prob_kind: Feature, mlp: tuple[str, str],
+                  big_pattern: str = "*token_to_image") -> tuple[RoleRule, ...]:
     """The rows of a two-way-transformer mask decoder (self, token->image, image->token, final attention)
     under the module name ``transformer``: CAG on the q/k/v projection and MLP ``mlp[0]`` inputs, HLUQ on the
-    post-ReLU MLP ``mlp[1]`` input, ``prob_kind`` on the probabilities, BIG on the token->image keys."""
+    post-ReLU MLP ``mlp[1]`` input, ``prob_kind`` on the probabilities, PTQ4SAM's key search on every key and
+    BIG's sign folding on the attentions matching ``big_pattern``."""
     layers = f"{transformer}.*"
     return (
-        RoleRule(f"{layers}.q_proj", "input", Role.INPUT, "cag"),
-        RoleRule(f"{layers}.k_proj", "input", Role.INPUT, "cag"),
-        RoleRule(f"{layers}.v_proj", "input", Role.INPUT, "cag"),
-        *attention_rules(f"{transformer}.*attn*", prob_kind),
-        RoleRule(f"{transformer}.*token_to_image", "k", Role.KEY, "uniform", big=True),
-        RoleRule(f"{layers}.out_proj", "input", Role.INPUT, "uniform"),
-        RoleRule(f"{layers}.{mlp[0]}", "input", Role.INPUT, "cag"),
-        RoleRule(f"{layers}.{mlp[1]}", "input", Role.INPUT, "hluq"),
+        RoleRule(f"{layers}.q_proj", "input", Role.INPUT, Feature.CAG),
+        RoleRule(f"{layers}.k_proj", "input", Role.INPUT, Feature.CAG),
+        RoleRule(f"{layers}.v_proj", "input", Role.INPUT, Feature.CAG),
+        *attention_rules(f"{transformer}.*attn*", prob_kind, key_kind=Feature.BIG_KEY),
+        RoleRule(f"{transformer}.{big_pattern}", "k", Role.KEY, Feature.BIG_KEY, big=True),
+        RoleRule(f"{layers}.out_proj", "input", Role.INPUT, Feature.UNIFORM),
+        RoleRule(f"{layers}.{mlp[0]}", "input", Role.INPUT, Feature.CAG),
+        RoleRule(f"{layers}.{mlp[1]}", "input", Role.INPUT, Feature.HLUQ),
     )
 
 
@@ -81,37 +80,12 @@ class RoleAssignment(NamedTuple):
     big: bool = False
 
 
-def _per_tensor(quantizer: str, **extra: Any) -> dict[str, Any]:
-    """Families that are per-tensor and asymmetric by construction (AGQ, LNQ, HLUQ)."""
-    return {"quantizer": quantizer, "symmetric": False, "ch_axis": -1, "extra": dict(extra)}
-
-
-def _resolve(kind: str, qconfig: QConfig) -> dict[str, Any]:
-    agq = _per_tensor("agq", taus=qconfig.agq.taus) if qconfig.ptq4sam.agq else {}
-    if kind == "uniform":
-        return {}
-    if kind == "cag":
-        if not qconfig.ahcptq.cag:
-            return {}
-        return {"quantizer": "cag", "groups": qconfig.cag.groups, "extra": {"seed": qconfig.seed}}
-    if kind == "hluq":
-        if not qconfig.ahcptq.hluq:
-            return {}
-        hluq = qconfig.hluq
-        return _per_tensor("hluq", range_splits=hluq.range_splits, level_splits=hluq.level_splits)
-    if kind == "lnq_softmax":
-        return _per_tensor("lnq", alphas=qconfig.lnq.alphas) if qconfig.lnq.enabled else agq
-    if kind == "agq_softmax":
-        return agq
-    raise ValueError(f"role table: unknown kind {kind!r}")
-
-
 def resolve_table(table: tuple[RoleRule, ...], qconfig: QConfig, caller: str) -> list[RoleAssignment]:
     """``table`` resolved against ``qconfig``'s method switches, in table order."""
     if not isinstance(qconfig, QConfig):
         raise TypeError(f"{caller} expects a QConfig, got {type(qconfig).__name__}")
     return [
-        RoleAssignment(rule.pattern, rule.slot, _resolve(rule.kind, qconfig), rule.role, rule.big)
+        RoleAssignment(rule.pattern, rule.slot, feature_fields(qconfig, rule.kind), rule.role, rule.big)
         for rule in table
     ]
 

@@ -6,10 +6,10 @@ checkpoints keep loading. ``quantize_sam2`` then builds every quantizer from a `
 map (``sam2_roles``): Linear/Conv layers through the generic ``api.quantize``, the twins' q/k/v/prob slots
 here. All quantizers start OFF; calibrate with ``api.calibrating`` and switch them on with ``api.set_mode``.
 
-Precedence and the shared steps are ``quant_recipe``'s. Every quantized slot must be covered by the role
-map, so a sam2 release that moves a layer fails loudly instead of silently getting a default quantizer.
-What stays float (``DEFAULT_KEEP_FLOAT``) follows AHCQ-SAM's SAM2 recipe: patch embedding, prompt encoder,
-mask-decoder output heads and object-pointer projections.
+Precedence is the one resolver's (``ahcq.quantization.recipe``); the twins' slots are ``quant_recipe``'s.
+Every quantized slot must be covered by the role map, so a sam2 release that moves a layer fails loudly
+instead of silently getting a default quantizer. What stays float (``DEFAULT_KEEP_FLOAT``) follows AHCQ-SAM's
+SAM2 recipe: patch embedding, prompt encoder, mask-decoder output heads and object-pointer projections.
 """
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ from typing import Any
 from sam2.modeling.sam2_base import SAM2Base
 from torch import nn
 
-from ahcq.models.quant_recipe import fill_twin_slots, quantize_layers, user_overrides
+from ahcq.models.quant_recipe import fill_twin_slots, input_sites, skip_patterns
 from ahcq.models.sam import float_patterns, is_kept_float
 from ahcq.models.sam2_attention import SAM2_TWIN_TYPES, make_twin
 from ahcq.models.sam2_roles import matching, sam2_role_map
 from ahcq.quantization.config import QConfig
 from ahcq.quantization.layers import QuantConv2d, QuantLinear
+from ahcq.quantization.recipe import quantize_layers, user_overrides
 
 __all__ = ["DECODER_PATTERN", "DEFAULT_KEEP_FLOAT", "attention_twins", "prepare_sam2", "quantize_sam2"]
 
@@ -85,11 +86,13 @@ def quantize_sam2(
     prepare_sam2(model, patterns)
     role_map = sam2_role_map(qconfig)
     user = user_overrides(qconfig)
-    recipes = quantize_layers(model, qconfig, role_map, user, patterns, DECODER_PATTERN)
+    _, *recipes = quantize_layers(model, qconfig, input_sites(role_map), skip_patterns(patterns),
+                                  DECODER_PATTERN)
     for name, module in list(model.named_modules()):
         if isinstance(module, (QuantLinear, QuantConv2d)) and module.input_quantizer is not None:
             if not matching(role_map, name, "input"):
                 raise RuntimeError(f"quantized layer {name!r} is not covered by the SAM2 role map; "
                                    "keep it float (keep_float) or add a role-map row")
-    fill_twin_slots(attention_twins(model), recipes, DECODER_PATTERN, role_map, user, "SAM2 role map")
+    fill_twin_slots(attention_twins(model), tuple(recipes), DECODER_PATTERN, role_map, user,
+                    "SAM2 role map")
     return model

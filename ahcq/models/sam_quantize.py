@@ -1,8 +1,8 @@
 """``quantize_sam``: build every quantizer of a SAM from a ``QConfig`` and the SAM role map.
 
-Precedence and the shared steps are ``quant_recipe``'s. Every quantized slot must be covered by the role
-map, so a segment_anything release that moves a layer fails loudly, before anything is changed, instead of
-silently getting a default quantizer.
+Precedence is the one resolver's (``ahcq.quantization.recipe``); the twins' slots are ``quant_recipe``'s.
+Every quantized slot must be covered by the role map, so a segment_anything release that moves a layer fails
+loudly, before anything is changed, instead of silently getting a default quantizer.
 """
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from segment_anything.modeling import image_encoder as sam_image_encoder
 from segment_anything.modeling import transformer as sam_transformer
 from torch import nn
 
-from ahcq.models.quant_recipe import fill_twin_slots, override_matches, quantize_layers, user_overrides
+from ahcq.models.quant_recipe import fill_twin_slots, input_sites, skip_patterns
 from ahcq.models.sam import DEFAULT_KEEP_FLOAT, float_patterns, is_kept_float, prepare_sam
 from ahcq.models.sam_attention import ATTENTION_SLOTS, QuantDecoderAttention, QuantEncoderAttention
 from ahcq.models.sam_roles import matching, sam_role_map
 from ahcq.quantization import api
 from ahcq.quantization.config import QConfig
+from ahcq.quantization.recipe import quantize_layers, user_overrides
 
 __all__ = ["DECODER_PATTERN", "quantize_sam"]
 
@@ -33,7 +34,7 @@ def _check_scope(sam: Sam, patterns: tuple[str, ...], role_map: list, user_float
     if first is not None:
         raise ValueError(f"quantize_sam needs a float SAM, but it already holds quantizer {first[0]!r}")
     for name, module in sam.named_modules():
-        if is_kept_float(name, patterns) or any(override_matches(p, name) for p in user_float):
+        if is_kept_float(name, patterns) or any(api.name_matches(p, name) for p in user_float):
             continue
         if type(module) in (nn.Linear, nn.Conv2d) and not matching(role_map, name, "input"):
             raise ValueError(f"layer {name!r} would be quantized but is not covered by the SAM role map")
@@ -59,7 +60,11 @@ def quantize_sam(
     user = user_overrides(qconfig)
     _check_scope(sam, patterns, role_map, [pattern for pattern, override in user if override is None])
     prepare_sam(sam, quant_encoder, patterns)
-    recipes = quantize_layers(sam, qconfig, role_map, user, patterns, DECODER_PATTERN)
+    _, *recipes = quantize_layers(sam, qconfig, input_sites(role_map), skip_patterns(patterns),
+                                  DECODER_PATTERN)
     twins = [(name, module) for name, module in sam.named_modules() if isinstance(module, _TWINS)]
-    fill_twin_slots(twins, recipes, DECODER_PATTERN, role_map, user, "SAM role map")
+    for _, twin in twins:
+        if isinstance(twin, QuantEncoderAttention):
+            twin.rel_pos_float_q = qconfig.attention.rel_pos_float_q
+    fill_twin_slots(twins, tuple(recipes), DECODER_PATTERN, role_map, user, "SAM role map")
     return sam

@@ -14,6 +14,7 @@ overrides win.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import re
@@ -25,17 +26,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import QuantConv2d, QuantLinear
+from .layers import QuantConv2d, QuantLayer, QuantLinear
 from .quantizers import QUANTIZERS, AdaRoundQuantizer, Mode, Quantizer, Role, make_quantizer
 
 __all__ = [
     "NotFullyQuantizedError",
     "QuantSpec",
+    "activations_off",
+    "activations_quantized",
     "assert_fully_quantized",
     "build_quantizer",
     "calibrating",
     "dropping",
     "iter_quantizers",
+    "name_matches",
     "quantization_disabled",
     "quantize",
     "set_mode",
@@ -99,7 +103,8 @@ def build_quantizer(spec: QuantSpec, role: Role, name: str) -> Quantizer:
     return make_quantizer(spec.quantizer, role, spec.bits, **kwargs)
 
 
-def _matches(pattern: str, name: str) -> bool:
+def name_matches(pattern: str, name: str) -> bool:
+    """Whether module ``name`` matches ``pattern``: ``fnmatch``, or a full-match regex after ``re:``."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)
@@ -117,7 +122,7 @@ def _slot_specs(
     defaults = {"act": act, "weight": weight, "output": act}
     shared: dict[str, Any] = {}
     for pattern, override in overrides:
-        if not _matches(pattern, name):
+        if not name_matches(pattern, name):
             continue
         if override is None:
             return None
@@ -156,7 +161,7 @@ def quantize(
     targets = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
     replaced = model
     for name, module in targets:
-        if any(_matches(p, name) for p in skip):
+        if any(name_matches(p, name) for p in skip):
             continue
         specs = _slot_specs(name, act, weight, overrides)
         if specs is None:
@@ -237,8 +242,31 @@ def _modes(quantizers: list[Quantizer], mode: Mode, drop_p: float = 0.0,
 
 @contextmanager
 def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Every quantizer OFF (the model computes in float); previous modes come back on exit."""
-    with _modes([q for _, q in iter_quantizers(model)], Mode.OFF):
+    """The original float model: every quantizer OFF and every layer on its float reference weight (the
+    weight before an in-place transform such as ACNR); previous modes and weights come back on exit."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_modes([q for _, q in iter_quantizers(model)], Mode.OFF))
+        for layer in model.modules():
+            if isinstance(layer, QuantLayer):
+                stack.enter_context(layer.float_reference())
+        yield model
+
+
+@contextmanager
+def activations_quantized(model: nn.Module) -> Iterator[nn.Module]:
+    """Every activation quantizer in QUANTIZE mode and every weight quantizer OFF (the current weights in
+    float): the quantized activation chain that ACNR measures its error on; previous modes come back."""
+    quantizers = [q for _, q in iter_quantizers(model)]
+    with _modes([q for q in quantizers if q.role is Role.WEIGHT], Mode.OFF), \
+            _modes([q for q in quantizers if q.role is not Role.WEIGHT], Mode.QUANTIZE):
+        yield model
+
+
+@contextmanager
+def activations_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Every activation quantizer OFF, the weight quantizers as they are (BRECQ's reference
+    reconstruction); previous modes come back on exit."""
+    with _modes([q for _, q in iter_quantizers(model) if q.role is not Role.WEIGHT], Mode.OFF):
         yield model
 
 

@@ -17,12 +17,16 @@ from typing import Any
 
 import yaml
 
+from .dialects import ConfigWarning, apply_dialect
+
 __all__ = [
     "ACNRConfig",
     "AGQConfig",
     "AHCPTQConfig",
+    "AttentionConfig",
     "CAGConfig",
     "ConfigError",
+    "ConfigWarning",
     "EarlyStopConfig",
     "HLUQConfig",
     "LNQConfig",
@@ -36,11 +40,8 @@ __all__ = [
     "QSpecConfig",
     "QUANTIZERS",
     "ReconConfig",
-    "family_extra",
     "load_qconfig",
     "parse_qconfig",
-    "quantize_from_config",
-    "to_quant_spec",
 ]
 
 QUANTIZERS = ("lsq", "fixed", "adaround", "hluq", "lnq", "agq", "cag")
@@ -79,9 +80,10 @@ METHOD_PRESETS = {
     "ahcqsam": "AHCPTQ + condition-number reduction (ACNR) + log-nonlinear softmax (LNQ)",
 }
 
+# SAQ-SAM's clipping candidates (its PCC search list, 29 values)
 DEFAULT_PCC_PERCENTILES = (
-    0.85, 0.86, 0.87, 0.88, 0.89, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99,
-    0.993, 0.995, 0.997, 0.999, 0.9993, 0.9995, 0.9997, 0.9999, 0.99999, 1.0,
+    0.85, 0.87, 0.88, 0.89, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.965, 0.97, 0.975, 0.98, 0.983,
+    0.985, 0.987, 0.989, 0.99, 0.993, 0.995, 0.997, 0.999, 0.9993, 0.9995, 0.9997, 0.9999, 0.99999,
 )
 DEFAULT_LNQ_ALPHAS = (0.001, 0.1, 1.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
 _INCLUDE_KEYS = ("base", "root")
@@ -200,6 +202,22 @@ def _seq(inner: Check, what: str, min_len: int = 1, increasing: bool = False) ->
     return check
 
 
+def _calibrate(v: Any) -> int | tuple[int, int]:
+    """An image count, or AHCQ-SAM's SAM2 ``{sample: videos, frame: frames per video}``."""
+    if isinstance(v, dict):
+        count = _integer(1)
+        if set(v) != {"sample", "frame"}:
+            raise _Bad("an integer >= 1, or {sample: videos >= 1, frame: frames per video >= 1}")
+        try:
+            return count(v["sample"]), count(v["frame"])
+        except _Bad:
+            raise _Bad("an integer >= 1, or {sample: videos >= 1, frame: frames per video >= 1}") from None
+    try:
+        return _integer(1)(v)
+    except _Bad:
+        raise _Bad("an integer >= 1, or {sample: videos >= 1, frame: frames per video >= 1}") from None
+
+
 def _name(v: Any) -> str:
     if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
         raise _Bad("a name made of letters, digits, '_', '-' or '.'")
@@ -253,11 +271,17 @@ class EarlyStopConfig:
 @dataclass(frozen=True)
 class ReconConfig:
     """Block reconstruction: reference ``recon.*`` plus ``enabled``, ``units``, ``early_stop``, ``qdrop``,
-    ``cache_dtype``.
+    ``cache_dtype``, ``act_quant``, ``loss_axis``.
 
     ``drop_prob`` is the probability that an element stays *quantized* (1.0 = BRECQ, no dropping); QDrop
     dropping happens only when ``qdrop`` is true and ``drop_prob < 1``. ``cache_dtype``: float16/bfloat16
     halves the cached unit inputs and outputs (memory and spill to disk) at that type's precision.
+    ``units``: ``blocks`` (attention / MLP sub-blocks: BRECQ, QDrop, PTQ4SAM, AHCPTQ), ``layers`` (whole ViT
+    blocks and whole two-way layers: AHCQ-SAM), ``stages`` (SAQ-SAM). ``act_quant: false`` reconstructs
+    with the activations in float, only the weights quantized (the references' ``--brecq``).
+    ``loss_axis``: the axis the squared error is summed over, ``channels`` (each unit's channel axis; ours)
+    or the references' fixed ``axis1`` (PTQ4SAM, AHCPTQ, AHCQ-SAM) or ``last`` (SAQ-SAM).
+    The references' ``keep_gpu`` is accepted with a warning (``dialects``): the cache lives in host memory.
     """
 
     enabled: bool = _opt(True, _boolean)
@@ -269,13 +293,14 @@ class ReconConfig:
     iters: int = _opt(20000, _integer(0))
     iters_cams: int = _opt(2000, _integer(0), key="iters_CAMS")
     b_range: tuple[float, float] = _opt((20.0, 2.0), _seq(_real(0.0, lo_open=True), "2 positive numbers", 2))
-    keep_gpu: bool = _opt(True, _boolean)
     round_mode: str = _opt("learned_hard_sigmoid", _choice(("learned_hard_sigmoid",)))
     drop_prob: float = _opt(0.5, _real(0.0, 1.0))
-    units: str = _opt("blocks", _choice(("blocks", "stages")))
+    units: str = _opt("blocks", _choice(("blocks", "layers", "stages")))
     early_stop: EarlyStopConfig | None = field(default=None, metadata={"section": EarlyStopConfig})
     qdrop: bool = _opt(True, _boolean)
     cache_dtype: str = _opt("float32", _choice(("float32", "float16", "bfloat16")))
+    act_quant: bool = _opt(True, _boolean)
+    loss_axis: str = _opt("channels", _choice(("channels", "axis1", "last")))
 
     @property
     def dropping(self) -> bool:
@@ -285,7 +310,11 @@ class ReconConfig:
 
 @dataclass(frozen=True)
 class PTQ4SAMConfig:
-    """PTQ4SAM switches: bimodal integration (BIG) and adaptive-granularity softmax (AGQ)."""
+    """PTQ4SAM switches: bimodal integration (BIG) and adaptive-granularity softmax (AGQ).
+
+    ``big_test`` (ours): the density test runs on the key activations ``pooled`` over the first calibration
+    images, or on the ``first_box`` of the first image as the reference does.
+    """
 
     big: bool = _opt(False, _boolean, key="BIG")
     agq: bool = _opt(False, _boolean, key="AGQ")
@@ -293,6 +322,7 @@ class PTQ4SAMConfig:
     peak_distance: int = _opt(32, _integer(1))
     peak_height: float = _opt(0.01, _real(0.0, 1.0))
     threshold: float = _opt(0.5, _real(0.0, 1.0, lo_open=True, hi_open=True))
+    big_test: str = _opt("pooled", _choice(("pooled", "first_box")))
 
 
 @dataclass(frozen=True)
@@ -306,16 +336,23 @@ class AHCPTQConfig:
 
 @dataclass(frozen=True)
 class ACNRConfig:
-    """Activation-aware condition-number reduction of Linear weights (AHCQ-SAM)."""
+    """Activation-aware condition-number reduction of Linear weights (AHCQ-SAM).
+
+    ``error``: ``accumulated`` (the AHCQ-SAM code: original float input minus the quantized chain's input,
+    layer by layer) or ``local`` (each layer's own input quantization error on the float model).
+    ``beta`` weighs the error energy pooled over all tokens; the AHCQ-SAM code writes 0.001 but sums that
+    energy twice, so its effective value is the default 0.002.
+    """
 
     enabled: bool = _opt(False, _boolean)
     iters: int = _opt(200, _integer(0))
     lam: float = _opt(0.003, _real(0.0))
-    beta: float = _opt(0.001, _real(0.0))
+    beta: float = _opt(0.002, _real(0.0))
     energy: float = _opt(0.8, _real(0.0, 1.0, lo_open=True))
     min_cond: float = _opt(100.0, _real(1.0))
     target: str = _opt("mean", _choice(("mean", "median", "midrange")))
     calib: int = _opt(32, _integer(1))
+    error: str = _opt("accumulated", _choice(("accumulated", "local")))
 
 
 @dataclass(frozen=True)
@@ -335,7 +372,8 @@ class AGQConfig:
 
 @dataclass(frozen=True)
 class PCCConfig:
-    """Perceptual-consistency clipping; ``threshold`` null takes ``ptq4sam.threshold``."""
+    """Perceptual-consistency clipping; ``threshold`` null takes ``ptq4sam.threshold``. ``passes`` sweeps over
+    the four points of each attention (SAQ-SAM: 2, the second with all four quantized)."""
 
     enabled: bool = _opt(False, _boolean)
     threshold: float | None = _opt(None, _optional(_real(0.0, 1.0, lo_open=True, hi_open=True)))
@@ -343,16 +381,27 @@ class PCCConfig:
         DEFAULT_PCC_PERCENTILES, _seq(_real(0.5, 1.0, lo_open=True), "numbers in (0.5, 1]", increasing=True)
     )
     calib: int = _opt(1, _integer(1))
+    passes: int = _opt(2, _integer(1))
 
 
 @dataclass(frozen=True)
 class PARConfig:
-    """Prompt-aware reconstruction: loss ``beta * rec + alpha * par``, ``max_prompts`` boxes per image."""
+    """Prompt-aware reconstruction: decoder-layer loss ``beta * (query_weight * rec(queries) + rec(keys)) +
+    alpha * par`` (SAQ-SAM weighs the queries 0.01), ``max_prompts`` boxes per image."""
 
     enabled: bool = _opt(False, _boolean)
     alpha: float = _opt(1.0, _real(0.0))
     beta: float = _opt(1.0, _real(0.0))
+    query_weight: float = _opt(0.01, _real(0.0))
     max_prompts: int = _opt(16, _integer(1))
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Attention details (ours): ``rel_pos_float_q`` gives the encoder's relative-position term the float
+    query, as SAQ-SAM's encoder attention does, instead of the quantized one."""
+
+    rel_pos_float_q: bool = _opt(False, _boolean)
 
 
 @dataclass(frozen=True)
@@ -405,7 +454,7 @@ class QConfig:
     source: str = "<dict>"
     method: str | None = _opt(None, _optional(_name))
     seed: int = _opt(0, _integer(0))
-    calibrate: int = _opt(32, _integer(1))
+    calibrate: int = _opt(32, _calibrate)
     encoder_a_qconfig: QSpecConfig | None = None
     encoder_w_qconfig: QSpecConfig | None = None
     decoder_a_qconfig: QSpecConfig | None = None
@@ -420,17 +469,21 @@ class QConfig:
     par: PARConfig = _section(PARConfig)
     hluq: HLUQConfig = _section(HLUQConfig)
     cag: CAGConfig = _section(CAGConfig)
+    attention: AttentionConfig = _section(AttentionConfig)
+    calibrate_frames: int | None = None
     overrides: tuple[OverrideConfig, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config with YAML spellings; ``parse_qconfig(to_dict())`` gives it back."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name == "source":
+            if f.name in ("source", "calibrate_frames"):
                 continue
             value = getattr(self, f.name)
             if f.name == "overrides":
                 out[f.name] = [o.to_dict() for o in value]
+            elif f.name == "calibrate" and self.calibrate_frames is not None:
+                out[f.name] = {"sample": value, "frame": self.calibrate_frames}
             elif value is not None:
                 out[f.metadata.get("key") or f.name] = _to_plain(value)
         return out
@@ -555,6 +608,7 @@ _TOP_KEYS = [*_SPEC_FIELDS, *_TOP_SCALARS, *_TOP_SECTIONS, "overrides"]
 
 def _build(data: Any, ctx: _Ctx) -> QConfig:
     data = _require_mapping(ctx, "", data) if data is not None else {}
+    data = apply_dialect(data, ctx.default_file, ctx.error)
     _check_known(ctx, "", data, _TOP_KEYS)
     values: dict[str, Any] = {}
     for name in _SPEC_FIELDS:
@@ -578,6 +632,8 @@ def _build(data: Any, ctx: _Ctx) -> QConfig:
             if split not in values:
                 raise ctx.error(role, f"missing; give {role} (or SAQ-SAM's {split}/decoder_* pair)")
             values[role] = values[split]
+    if isinstance(values.get("calibrate"), tuple):
+        values["calibrate"], values["calibrate_frames"] = values["calibrate"]
     values["source"] = ctx.default_file
     return _resolve(QConfig(**values), ctx)
 
@@ -675,73 +731,3 @@ def parse_qconfig(data: dict[str, Any], source: str = "<dict>") -> QConfig:
     if any(k in data for k in _INCLUDE_KEYS):
         raise ConfigError(f"{source}: base: includes need a file; use load_qconfig")
     return _build(data, _Ctx({}, source))
-
-
-# ------------------------------------------------------------------------------------------------ adapter
-def _spec_kwargs(items: dict[str, Any]) -> dict[str, Any]:
-    """YAML qconfig keys -> QuantSpec keyword names (``bit`` -> ``bits``)."""
-    return {("bits" if k == "bit" else k): v for k, v in items.items()}
-
-
-def family_extra(qconfig: QConfig, quantizer: str) -> dict[str, Any]:
-    """The quantizer family's own keyword arguments taken from the config's method sections."""
-    if quantizer == "hluq":
-        return {"range_splits": qconfig.hluq.range_splits, "level_splits": qconfig.hluq.level_splits}
-    if quantizer == "lnq":
-        return {"alphas": qconfig.lnq.alphas}
-    if quantizer == "agq":
-        return {"taus": qconfig.agq.taus}
-    if quantizer == "cag":
-        return {"seed": qconfig.seed, "group_range": qconfig.cag.group_range}
-    return {}
-
-
-def to_quant_spec(qconfig: QConfig, spec: QSpecConfig) -> Any:
-    """``api.QuantSpec`` of one recipe, with its family's settings (CAG groups default to ``cag.groups``)."""
-    from ahcq.quantization.api import QuantSpec
-
-    kwargs = _spec_kwargs(dataclasses.asdict(spec))
-    if spec.quantizer == "cag" and spec.groups is None:
-        kwargs["groups"] = qconfig.cag.groups
-    return QuantSpec(**kwargs, extra=family_extra(qconfig, spec.quantizer))
-
-
-def _partial(qconfig: QConfig, items: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
-    fields = _spec_kwargs(dict(items))
-    if "quantizer" in fields:
-        fields["extra"] = family_extra(qconfig, fields["quantizer"])
-    if fields.get("quantizer") == "cag" and fields.get("groups") is None:
-        fields["groups"] = qconfig.cag.groups
-    return fields
-
-
-def quantize_from_config(model: Any, qconfig: QConfig, skip: Sequence[str] = (),
-                         decoder_pattern: str | None = None) -> Any:
-    """Swap ``model``'s Linear/Conv2d layers for quantized ones following ``qconfig`` (``api.quantize``).
-
-    ``decoder_pattern`` names the modules that take SAQ-SAM's ``decoder_*_qconfig`` when a config gives a
-    split encoder/decoder recipe that differs from the default one.
-    """
-    from ahcq.quantization import api
-
-    overrides: list[tuple[str, dict[str, Any] | None]] = []
-    for o in qconfig.overrides:
-        slots = (("act", o.act), ("weight", o.weight))
-        partial = {slot: _partial(qconfig, items) for slot, items in slots if items}
-        overrides.append((o.pattern, None if o.keep_float else partial))
-    split = {"act": (qconfig.decoder_a_qconfig, qconfig.a_qconfig),
-             "weight": (qconfig.decoder_w_qconfig, qconfig.w_qconfig)}
-    decoder = {slot: dataclasses.asdict(to_quant_spec(qconfig, dec)) for slot, (dec, default) in split.items()
-               if dec is not None and dec != default}
-    if decoder:
-        if decoder_pattern is None:
-            raise ConfigError(f"{qconfig.source}: decoder_*_qconfig differs from the default recipe; "
-                              "pass decoder_pattern to say which modules it applies to")
-        overrides.insert(0, (decoder_pattern, decoder))
-    return api.quantize(
-        model,
-        act=to_quant_spec(qconfig, qconfig.a_qconfig),
-        weight=to_quant_spec(qconfig, qconfig.w_qconfig),
-        overrides=overrides,
-        skip=list(skip),
-    )

@@ -6,8 +6,15 @@ module's ``weight``/``bias`` Parameter objects, and ``to_float`` returns a float
 swapping copies no weights. The input quantizer receives ``next_layer=`` (the float layer applied to its
 argument) for output-aware searches (HLUQ); the first operand of ``QuantMatMul`` receives ``value=`` (the
 second operand) for value-aware searches (LNQ, AGQ).
+
+An in-place weight transform that changes what the float layer computes (ACNR) first calls
+``remember_float_weight()``; ``float_reference()`` then runs the layer on that original weight, which is how
+``api.quantization_disabled`` makes every float target the model as it was before the transform.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +22,7 @@ from torch import nn
 
 from .quantizers.base import Quantizer
 
-__all__ = ["QuantConv2d", "QuantLinear", "QuantMatMul"]
+__all__ = ["QuantConv2d", "QuantLayer", "QuantLinear", "QuantMatMul"]
 
 
 def _check_slot(q: Quantizer | None, slot: str) -> Quantizer | None:
@@ -28,7 +35,57 @@ def _apply(q: Quantizer | None, x: torch.Tensor, **ctx) -> torch.Tensor:
     return x if q is None else q(x, **ctx)
 
 
-class QuantLinear(nn.Module):
+class QuantLayer(nn.Module):
+    """The slot layout shared by ``QuantLinear`` and ``QuantConv2d``: input, weight and output quantizers
+    around ``_op(x, weight)``, and the float reference of the weight."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_slots(self, input_quantizer: Quantizer | None, weight_quantizer: Quantizer | None,
+                    output_quantizer: Quantizer | None) -> None:
+        self.input_quantizer = _check_slot(input_quantizer, "input_quantizer")
+        self.weight_quantizer = _check_slot(weight_quantizer, "weight_quantizer")
+        self.output_quantizer = _check_slot(output_quantizer, "output_quantizer")
+        self.register_buffer("float_weight", None, persistent=False)
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The float layer (unquantized weight) on ``x``."""
+        return self._op(x, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _apply(self.input_quantizer, x, next_layer=self.float_forward)
+        w = _apply(self.weight_quantizer, self.weight)
+        return _apply(self.output_quantizer, self._op(x, w))
+
+    def remember_float_weight(self) -> None:
+        """Keep the weight as it is now as the layer's float reference (once: the first call wins), before
+        an in-place transform changes it."""
+        if self.float_weight is None:
+            self.float_weight = self.weight.detach().clone()
+
+    @contextmanager
+    def float_reference(self) -> Iterator[None]:
+        """Within the block the layer's weight is its float reference (if one was remembered).
+
+        The Parameter object is swapped, not its data, so a graph built inside the block keeps the tensor it
+        used after the block ends.
+        """
+        if self.float_weight is None:
+            yield
+            return
+        current = self._parameters["weight"]
+        self._parameters["weight"] = nn.Parameter(self.float_weight, requires_grad=False)
+        try:
+            yield
+        finally:
+            self._parameters["weight"] = current
+
+
+class QuantLinear(QuantLayer):
     """``nn.Linear`` with input, weight and optional output quantizers."""
 
     def __init__(
@@ -45,9 +102,7 @@ class QuantLinear(nn.Module):
         self.weight = weight
         self.bias = bias
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.input_quantizer = _check_slot(input_quantizer, "input_quantizer")
-        self.weight_quantizer = _check_slot(weight_quantizer, "weight_quantizer")
-        self.output_quantizer = _check_slot(output_quantizer, "output_quantizer")
+        self._init_slots(input_quantizer, weight_quantizer, output_quantizer)
 
     @classmethod
     def from_float(
@@ -67,21 +122,15 @@ class QuantLinear(nn.Module):
         linear.bias = self.bias
         return linear
 
-    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The float layer (unquantized weight) on ``x``."""
-        return F.linear(x, self.weight, self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _apply(self.input_quantizer, x, next_layer=self.float_forward)
-        w = _apply(self.weight_quantizer, self.weight)
-        return _apply(self.output_quantizer, F.linear(x, w, self.bias))
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
 
 
-class QuantConv2d(nn.Module):
+class QuantConv2d(QuantLayer):
     """``nn.Conv2d`` (any stride, padding, dilation, groups, padding mode) with quantizer slots."""
 
     def __init__(
@@ -100,9 +149,7 @@ class QuantConv2d(nn.Module):
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups, self.padding_mode = conv.dilation, conv.groups, conv.padding_mode
         self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
-        self.input_quantizer = _check_slot(input_quantizer, "input_quantizer")
-        self.weight_quantizer = _check_slot(weight_quantizer, "weight_quantizer")
-        self.output_quantizer = _check_slot(output_quantizer, "output_quantizer")
+        self._init_slots(input_quantizer, weight_quantizer, output_quantizer)
 
     @classmethod
     def from_float(
@@ -124,20 +171,12 @@ class QuantConv2d(nn.Module):
         conv.bias = self.bias
         return conv
 
-    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The float layer (unquantized weight) on ``x``."""
-        return self._conv(x, self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _apply(self.input_quantizer, x, next_layer=self.float_forward)
-        w = _apply(self.weight_quantizer, self.weight)
-        return _apply(self.output_quantizer, self._conv(x, w))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -9,11 +9,16 @@ Order (each step on float activations, so no step sees another's rounding):
    the mean key into ``q_proj``/``k_proj`` (scores unchanged). The references decided on one box of
    one image.
 2. Statistics: every quantizer observes all calibration images (weights their first batch).
-3. ACNR (``acnr.enabled``, AHCQ-SAM): per quantized Linear, the input-quantization error
-   ``dX = X - Q(X)`` of the float model is summarised by its second moment ``E[dX^T dX]`` (bounded memory
-   whatever the token count) and the weight is conditioned against it; then every quantizer is
-   calibrated again, since the conditioned weights change the activations downstream and the weights
-   themselves.
+3. ACNR (``acnr.enabled``, AHCQ-SAM): per quantized Linear, in forward order, the input error is summarised
+   by its second moment ``E[dX^T dX]`` pooled over every token (bounded memory whatever the token count) and
+   the weight is conditioned against it. ``acnr.error: accumulated`` (the AHCQ-SAM code) takes
+   ``dX = X_float - Q(X_quant)``: the layer's input in the original float model minus its quantized input in
+   the current model with every activation quantizer on and the weights float, so it includes the error of
+   everything upstream, the layers already conditioned included; ``local`` takes ``dX = X - Q(X)`` on the
+   float model for every layer at once. Each conditioned layer first remembers its original weight, so
+   every float target after ACNR (``api.quantization_disabled``) is the model as it was before. Then every
+   quantizer is calibrated again, since the conditioned weights change the activations downstream and the
+   weights themselves.
 4. Weight grouping (``cag.apply_to_weights``, AHCPTQ supplement Tab. 6): every per-channel weight grid of a
    quantized Linear/Conv is replaced by at most ``cag.weight_groups`` shared grids, after the last pass
    computed the grids and before reconstruction learns the rounding on them.
@@ -31,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ahcq.models.sam_roles import big_sites
 from ahcq.quantization.api import (
+    activations_quantized,
     assert_fully_quantized,
     calibrating,
     iter_quantizers,
@@ -74,19 +80,26 @@ def _pass(model: nn.Module, samples: Sequence[Any], forward: Forward, desc: str)
 
 class _KeyStats:
     """Channel sums of an attention's key projection (for the signs) and a bounded random sample of its
-    values (for the KDE), so memory does not grow with boxes x tokens."""
+    values (for the KDE), so memory does not grow with boxes x tokens. With ``first_box`` (the reference)
+    only the first call counts: the KDE sees every value of its first box, the signs its mean."""
 
-    def __init__(self, generator: torch.Generator) -> None:
+    def __init__(self, generator: torch.Generator, first_box: bool = False) -> None:
         self.sum: torch.Tensor | None = None
         self.rows = 0
         self.sample: list[torch.Tensor] = []
         self.generator = generator
+        self.first_box = first_box
 
     def __call__(self, _module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+        if self.first_box and self.sum is not None:
+            return
         flat = out.detach().reshape(-1, out.shape[-1])
         total = flat.double().sum(0)
         self.sum = total if self.sum is None else self.sum + total
         self.rows += len(flat)
+        if self.first_box:
+            self.sample.append(out.detach()[0].reshape(-1).cpu())
+            return
         values = flat.reshape(-1)
         picks = torch.randint(len(values), (min(BIG_SAMPLE_POINTS, len(values)),), generator=self.generator)
         self.sample.append(values[picks.to(values.device)].cpu())
@@ -97,18 +110,20 @@ def apply_big(
     sam: nn.Module, samples: Sequence[Any], forward: Forward, qconfig: QConfig,
     sites: Sequence[tuple[str, nn.Module]] | None = None,
 ) -> dict[str, bool]:
-    """Fold BIG signs where the pooled key activations are bimodal; ``{attention: folded}``.
+    """Fold BIG signs where the key activations are bimodal; ``{attention: folded}``.
 
     ``sites`` are the ``(name, attention)`` pairs to test, each with ``q_proj``/``k_proj`` Linears
-    (default: SAM's ``big_sites``; SAM2 passes its own). Keys are pooled over ``samples[:BIG_IMAGES]``.
+    (default: SAM's ``big_sites``; SAM2 passes its own). Keys are pooled over ``samples[:BIG_IMAGES]``
+    (``ptq4sam.big_test: pooled``) or taken from the first box of the first sample (``first_box``).
     """
     sites = big_sites(sam) if sites is None else sites
+    first_box = qconfig.ptq4sam.big_test == "first_box"
     generator = torch.Generator().manual_seed(qconfig.seed)
-    stats = {name: _KeyStats(generator) for name, _ in sites}
+    stats = {name: _KeyStats(generator, first_box) for name, _ in sites}
     hooks = [attn.k_proj.register_forward_hook(stats[name]) for name, attn in sites]
     try:
         with quantization_disabled(sam):
-            _pass(sam, samples[:BIG_IMAGES], forward, "BIG keys")
+            _pass(sam, samples[:1 if first_box else BIG_IMAGES], forward, "BIG keys")
     finally:
         for hook in hooks:
             hook.remove()
@@ -132,40 +147,109 @@ def _moment_factor(moment: torch.Tensor) -> torch.Tensor:
     return (evecs * evals.clamp_min(0).sqrt()).T * moment.shape[0] ** 0.5
 
 
-@torch.no_grad()
-def condition_linears(
-    sam: nn.Module, samples: Sequence[Any], forward: Forward, cfg: ACNRConfig
-) -> dict[str, dict[str, float | bool]]:
-    """ACNR on every quantized Linear with an input quantizer (needs calibrated input quantizers)."""
-    layers = [(n, m) for n, m in sam.named_modules()
-              if isinstance(m, QuantLinear) and m.input_quantizer is not None]
-    moments: dict[str, torch.Tensor] = {}
-    calls: dict[str, int] = dict.fromkeys((n for n, _ in layers), 0)
+def _conditionable(sam: nn.Module) -> list[tuple[str, QuantLinear]]:
+    """Every quantized Linear with an input quantizer, in forward (registration) order."""
+    return [(n, m) for n, m in sam.named_modules()
+            if isinstance(m, QuantLinear) and m.input_quantizer is not None]
+
+
+class _Moment:
+    """``sum(dX^T dX)`` in float64 and the number of rows (tokens) it pools."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, dx: torch.Tensor) -> None:
+        dx = dx.reshape(-1, dx.shape[-1]).double()
+        self.total = dx.T @ dx if self.total is None else self.total + dx.T @ dx
+        self.rows += len(dx)
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.rows, 1)
+
+
+def _record_inputs(layer: nn.Module) -> tuple[list[torch.Tensor], Any]:
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].detach()))
+    return seen, handle
+
+
+def _local_moments(sam: nn.Module, layers: list[tuple[str, QuantLinear]], samples: Sequence[Any],
+                   forward: Forward) -> dict[str, _Moment]:
+    """``dX = X - Q(X)`` of every layer on the float model, one pass."""
+    moments = {name: _Moment() for name, _ in layers}
 
     def hook(name: str, layer: QuantLinear) -> Callable:
         def record(_m: nn.Module, inputs: tuple) -> None:
-            x = inputs[0].reshape(-1, layer.in_features)
-            dx = (x - layer.input_quantizer.fake_quant(x)).double()
-            moment = dx.T @ dx / max(len(dx), 1)
-            moments[name] = moments[name] + moment if name in moments else moment
-            calls[name] += 1
+            x = inputs[0]
+            moments[name].add(x - layer.input_quantizer.fake_quant(x))
         return record
 
     handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers]
     try:
         with quantization_disabled(sam):
-            _pass(sam, samples[: cfg.calib], forward, "ACNR errors")
+            _pass(sam, samples, forward, "ACNR errors")
     finally:
         for handle in handles:
             handle.remove()
+    return moments
+
+
+def _accumulated_moment(sam: nn.Module, name: str, layer: QuantLinear, samples: Sequence[Any],
+                        forward: Forward) -> _Moment:
+    """``dX = X_float - Q(X_quant)`` of one layer: its inputs in the original float model and in the current
+    model with the activations quantized, paired call by call on each sample."""
+    moment = _Moment()
+    with torch.no_grad():
+        for sample in samples:
+            fp, handle = _record_inputs(layer)
+            try:
+                with quantization_disabled(sam):
+                    forward(sample)
+            finally:
+                handle.remove()
+            quant, handle = _record_inputs(layer)
+            try:
+                with activations_quantized(sam):
+                    forward(sample)
+                    if len(fp) != len(quant):
+                        raise RuntimeError(f"ACNR {name}: called {len(fp)} times in the float model but "
+                                           f"{len(quant)} times in the quantized one on the same sample")
+                    for x_fp, x_q in zip(fp, quant):
+                        moment.add(x_fp - layer.input_quantizer.fake_quant(x_q))
+            finally:
+                handle.remove()
+    return moment
+
+
+def _condition_number(layer: QuantLinear) -> float:
+    sigma = torch.linalg.svdvals(layer.weight.detach().double())
+    return float("inf") if float(sigma.min()) == 0.0 else float(sigma.max() / sigma.min())
+
+
+@torch.no_grad()
+def condition_linears(
+    sam: nn.Module, samples: Sequence[Any], forward: Forward, cfg: ACNRConfig
+) -> dict[str, dict[str, float | bool]]:
+    """ACNR on every quantized Linear with an input quantizer (needs calibrated quantizers), in forward
+    order; ``{layer: {cond_before, cond_after, skipped}}``. See the module docstring for ``cfg.error``."""
+    layers = _conditionable(sam)
+    samples = samples[: cfg.calib]
+    local = _local_moments(sam, layers, samples, forward) if cfg.error == "local" else {}
     report = {}
     for name, layer in tqdm(layers, desc="ACNR", unit="layer"):
-        if not calls[name]:
+        cond = _condition_number(layer)
+        if cond < cfg.min_cond:
+            report[name] = {"cond_before": cond, "cond_after": cond, "skipped": True}
             continue
-        factor = _moment_factor(moments.pop(name) / calls[name])
+        moment = local.pop(name) if local else _accumulated_moment(sam, name, layer, samples, forward)
+        if moment.rows == 0:
+            continue
+        layer.remember_float_weight()
         result = apply_acnr_(
-            layer.to_float(), factor, iters=cfg.iters, lam=cfg.lam, beta=cfg.beta, energy=cfg.energy,
-            min_cond=cfg.min_cond, target=cfg.target,
+            layer.to_float(), _moment_factor(moment.mean()), iters=cfg.iters, lam=cfg.lam, beta=cfg.beta,
+            energy=cfg.energy, min_cond=cfg.min_cond, target=cfg.target,
         )
         report[name] = {"cond_before": result.cond_before, "cond_after": result.cond_after,
                         "skipped": result.skipped}

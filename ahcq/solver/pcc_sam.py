@@ -1,20 +1,25 @@
 """Perceptual-consistency clipping (SAQ-SAM PCC) of SAM's decoder attentions, after calibration.
 
 For every quantized attention of the two-way transformer, four ranges are re-chosen: the inputs of
-``q_proj`` and ``k_proj`` and their outputs (the twin's ``q``/``k`` slots). The float inputs of each attention
-are captured on the first ``pcc.calib`` calibration images (at most ``par.max_prompts`` boxes each, boxes
-pooled), and ``search_clip_sequential`` picks, greedily in that order, the percentile clipping whose
-fake-quantized attention map overlaps the float one best. The ranges are written into the (per-tensor
-uniform) quantizers; others (CAG, per-channel) are left as calibrated and reported.
+``q_proj`` and ``k_proj`` and their outputs (the twin's ``q``/``k`` slots), greedily in that order, by the
+percentile clipping whose fake-quantized attention map overlaps the float one best. As in SAQ-SAM's code:
 
-It runs after ``calibrate`` (whose finalize would overwrite the ranges) and before reconstruction, which
-goes on learning the LSQ scales from there. Unlike the reference, each attention is searched on float
-inputs, independently of the clipping chosen for the attentions before it.
+* the data are the first ``pcc.calib`` calibration images with all their boxes (the reference uses one);
+* the target of each attention is its map in the float model on float inputs; its candidates are computed
+  on the inputs it receives with the PCC points of the attentions before it already quantized (every other
+  quantizer off), so each attention compensates what the earlier ones clip;
+* ``pcc.passes`` sweeps over all attentions (2: the second pass re-searches every point with the other
+  three quantized).
+
+The ranges are written into the (per-tensor uniform) quantizers; others (CAG, per-channel) are left as
+calibrated and reported. It runs after ``calibrate`` (whose finalize would overwrite the ranges) and before
+reconstruction, which goes on learning the LSQ scales from there.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -25,9 +30,10 @@ from ahcq.models.sam_attention import QuantDecoderAttention
 from ahcq.quantization.api import quantization_disabled
 from ahcq.quantization.config import QConfig
 from ahcq.quantization.primitives import qparams_from_minmax
-from ahcq.quantization.quantizers import CAGQuantizer, Quantizer, UniformQuantizer
-from ahcq.quantization.transforms.pcc import search_clip_sequential
-from ahcq.solver.recon_sam import prepare_samples, sam_chain
+from ahcq.quantization.quantizers import CAGQuantizer, Mode, Quantizer, UniformQuantizer
+from ahcq.quantization.transforms.pcc import ClipResult, search_clip_sequential
+from ahcq.solver.recon_sam import prepare_samples
+from ahcq.solver.recon_sam_units import Prompted
 
 __all__ = ["PCC_POINTS", "apply_pcc", "decoder_attentions"]
 
@@ -56,12 +62,26 @@ def _attention_map(attn: QuantDecoderAttention, q_in: Tensor, k_in: Tensor) -> C
     return attention
 
 
-def _capture(sam: Sam, qconfig: QConfig, samples: Sequence[Any], device: torch.device,
-             attentions: list[tuple[str, QuantDecoderAttention]]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Float ``(q, k)`` inputs of each attention, boxes of the first ``pcc.calib`` images pooled."""
-    chain = sam_chain(sam, qconfig, par=False)
-    prepared, _ = prepare_samples(sam, samples[: qconfig.pcc.calib], qconfig.par.max_prompts, qconfig.seed,
-                                  device, use_embedding=not chain.encoder)
+@torch.no_grad()
+def _prompted(sam: Sam, qconfig: QConfig, samples: Sequence[Any], device: torch.device) -> list[Prompted]:
+    """The PCC images with all their boxes, each with its float image embedding (PCC changes nothing in the
+    encoder, so it is computed once)."""
+    prepared, _ = prepare_samples(sam, samples[: qconfig.pcc.calib], None, qconfig.seed, device,
+                                  use_embedding=True)
+    out = []
+    for p in prepared:
+        if p.embedding is None:
+            with quantization_disabled(sam.image_encoder):
+                p.embedding = sam.image_encoder(p.image)
+        out.append(p)
+    return out
+
+
+@torch.no_grad()
+def _capture(sam: Sam, prompted: Sequence[Prompted], attentions: list[tuple[str, QuantDecoderAttention]],
+             active: Sequence[Quantizer]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``(q, k)`` inputs of each attention, the images' boxes pooled, with every quantizer off except
+    ``active`` (quantizing)."""
     seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name, _ in attentions}
 
     def hook(name: str) -> Callable:
@@ -69,14 +89,17 @@ def _capture(sam: Sam, qconfig: QConfig, samples: Sequence[Any], device: torch.d
             seen[name].append((kwargs["q"].detach(), kwargs["k"].detach()))
         return record
 
-    handles = [a.register_forward_pre_hook(hook(n), with_kwargs=True) for n, a in attentions]
-    try:
-        with torch.no_grad(), quantization_disabled(sam):
-            for p in prepared:
-                chain(sam, p)
-    finally:
-        for handle in handles:
-            handle.remove()
+    transformer = sam.mask_decoder.transformer
+    with ExitStack() as stack:
+        for name, attn in attentions:
+            stack.callback(attn.register_forward_pre_hook(hook(name), with_kwargs=True).remove)
+        stack.enter_context(quantization_disabled(sam))
+        for q in active:
+            q.set_mode(Mode.QUANTIZE)
+        for p in prompted:
+            n = len(p.tokens)
+            src = torch.repeat_interleave(p.embedding, n, dim=0) + p.dense
+            transformer(src, torch.repeat_interleave(p.image_pe, n, dim=0), p.tokens)
     return {n: (torch.cat([q for q, _ in v]), torch.cat([k for _, k in v])) for n, v in seen.items()}
 
 
@@ -89,6 +112,16 @@ def _set_range(q: Quantizer, lo: float, hi: float) -> None:
     scale, zero_point = qparams_from_minmax(torch.tensor(lo), torch.tensor(hi), q.bits, symmetric=False)
     q.scale.data = scale.to(q.scale.device, torch.float32).reshape(q.scale.shape).clone()
     q.zero_point = zero_point.round().to(q.zero_point.device, torch.int32).reshape(q.zero_point.shape)
+    q.clear_cache()
+
+
+def _skip_reason(quantizers: list[Any]) -> str | None:
+    fixed = [path for path, q in zip(PCC_POINTS, quantizers) if not _settable(q)]
+    if fixed:
+        return f"not per-tensor asymmetric uniform: {', '.join(fixed)}"
+    if len({q.bits for q in quantizers}) > 1:
+        return "the four quantizers have different bit widths"
+    return None
 
 
 @torch.no_grad()
@@ -96,26 +129,30 @@ def apply_pcc(sam: Sam, samples: Sequence[Any], qconfig: QConfig, device: torch.
               ) -> dict[str, Any]:
     """Re-choose the PCC ranges of the calibrated ``sam``; ``{attention: {point: percentile | note}}``."""
     device = torch.device(device) if device is not None else sam.device
-    threshold = qconfig.pcc.threshold or qconfig.ptq4sam.threshold
+    cfg = qconfig.pcc
+    threshold = cfg.threshold or qconfig.ptq4sam.threshold
     attentions = decoder_attentions(sam)
-    inputs = _capture(sam, qconfig, samples, device, attentions)
-    report: dict[str, Any] = {}
-    for name, attn in attentions:
-        quantizers = [_point(attn, path) for path in PCC_POINTS]
-        fixed = [path for path, q in zip(PCC_POINTS, quantizers) if not _settable(q)]
-        if fixed:
-            report[name] = {"skipped": f"not per-tensor asymmetric uniform: {', '.join(fixed)}"}
-            continue
-        if len({q.bits for q in quantizers}) > 1:
-            report[name] = {"skipped": "the four quantizers have different bit widths"}
-            continue
-        with quantization_disabled(attn):
-            attention = _attention_map(attn, *inputs[name])
-            reference = attention([lambda x: x] * len(PCC_POINTS))
-            results = search_clip_sequential(attention, len(PCC_POINTS), reference, qconfig.pcc.percentiles,
-                                             quantizers[0].bits, threshold)
-        for q, r in zip(quantizers, results):
-            _set_range(q, r.lo, r.hi)
+    prompted = _prompted(sam, qconfig, samples, device)
+    floats = _capture(sam, prompted, attentions, active=())
+    points = {name: [_point(attn, path) for path in PCC_POINTS] for name, attn in attentions}
+    report: dict[str, Any] = {name: {"skipped": reason} for name, _ in attentions
+                              if (reason := _skip_reason(points[name])) is not None}
+    chosen: dict[str, list[ClipResult]] = {}
+    for _ in range(cfg.passes):
+        for name, attn in attentions:
+            if name in report:
+                continue
+            active = [q for done in chosen for q in points[done]]
+            inputs = floats if not active else _capture(sam, prompted, attentions, active)
+            with quantization_disabled(attn):
+                reference = _attention_map(attn, *floats[name])([lambda x: x] * len(PCC_POINTS))
+                results = search_clip_sequential(
+                    _attention_map(attn, *inputs[name]), len(PCC_POINTS), reference, cfg.percentiles,
+                    points[name][0].bits, threshold, initial=chosen.get(name))
+            for q, r in zip(points[name], results):
+                _set_range(q, r.lo, r.hi)
+            chosen[name] = results
+    for name, results in chosen.items():
         report[name] = {path: {"percentile": r.percentile, "distance": r.distance}
                         for path, r in zip(PCC_POINTS, results)}
-    return report
+    return {name: report[name] for name, _ in attentions}

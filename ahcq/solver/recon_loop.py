@@ -8,10 +8,13 @@ reference). QDrop: each element of the quantized input is replaced by the float 
 ``1 - drop_prob`` and the unit's activation quantizers drop with the same probability (``drop_prob`` is the
 probability of staying quantized; 1.0 = BRECQ).
 
-Loss: ``sum over feature_axis of (pred - target)^2, mean over every other axis`` per compared output (the
-reference sums over axis 1 whatever it holds; here the axis is the unit's declared channel axis), plus the
-rounding regulariser ``weight * sum(1 - |2h - 1|^b)`` from ``warm_up * iters`` on, ``b`` annealed over
-``b_range``, plus an optional caller term (SAQ-SAM's PAR). A unit always ends hardened and fully quantized.
+Loss: ``sum over one axis of (pred - target)^2, mean over every other axis`` per compared output, times the
+unit's weight for that output (SAQ-SAM's prompt-aware decoder loss), plus the rounding regulariser
+``weight * sum(1 - |2h - 1|^b)`` from ``warm_up * iters`` on, ``b`` annealed over ``b_range``, plus an
+optional caller term. The summed axis is ``loss_axis``: the unit's declared channel axis (``channels``) or
+the references' fixed axis 1 (``axis1``, whatever it holds) or last axis (``last``, SAQ-SAM). With
+``act_quant`` false (BRECQ's reference) the activation quantizers stay off while the unit trains. A unit
+always ends hardened, and fully quantized unless its activations are deliberately off.
 """
 from __future__ import annotations
 
@@ -27,14 +30,24 @@ import torch
 from tqdm.auto import tqdm
 
 from ahcq.quantization.api import assert_fully_quantized, dropping
-from ahcq.quantization.quantizers import BetaSchedule, CAGQuantizer, Mode, progressive_schedule
+from ahcq.quantization.quantizers import (
+    BetaSchedule,
+    CAGQuantizer,
+    Mode,
+    Quantizer,
+    Role,
+    progressive_schedule,
+)
 from ahcq.quantization.quantizers.base import keep_mask
 
 from .recon_cache import STORAGE_DTYPES
 from .recon_units import Inputs, ReconUnit, adaround_quantizers, map_tensors, scale_parameters
 from .seeding import stream
 
-__all__ = ["ExtraLoss", "LossContext", "ReconSettings", "UnitReport", "reconstruct_unit", "unit_loss"]
+__all__ = ["ExtraLoss", "LOSS_AXES", "LossContext", "ReconSettings", "UnitReport", "reconstruct_unit",
+           "unit_loss"]
+
+LOSS_AXES = {"channels": None, "axis1": 1, "last": -1}
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,8 @@ class ReconSettings:
     max_items: int | None = None
     chunk_items: int | None = None
     cache_dtype: str = "float32"
+    act_quant: bool = True
+    loss_axis: str = "channels"
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1:
@@ -66,6 +81,9 @@ class ReconSettings:
         if self.cache_dtype not in STORAGE_DTYPES:
             raise ValueError(f"ReconSettings: cache_dtype must be one of {sorted(STORAGE_DTYPES)}, got "
                              f"{self.cache_dtype!r}")
+        if self.loss_axis not in LOSS_AXES:
+            raise ValueError(f"ReconSettings: loss_axis must be one of {sorted(LOSS_AXES)}, got "
+                             f"{self.loss_axis!r}")
         if list(self.regroup_fractions) != sorted(self.regroup_fractions) or not all(
                 0 < f < 1 for f in self.regroup_fractions):
             raise ValueError(f"ReconSettings: regroup_fractions must increase inside (0, 1), "
@@ -82,7 +100,7 @@ class ReconSettings:
             regroup_fractions=tuple(qconfig.cag.regroup_fractions), seed=qconfig.seed,
             patience=r.early_stop.patience if r.early_stop is not None else None,
             min_delta=r.early_stop.min_delta if r.early_stop is not None else 0.0,
-            cache_dtype=r.cache_dtype,
+            cache_dtype=r.cache_dtype, act_quant=r.act_quant, loss_axis=r.loss_axis,
         )
         values.update(overrides)
         return cls(**values)
@@ -123,18 +141,30 @@ class UnitReport:
     scale_lrs: list[float] = field(default_factory=list)
     regroups: list[tuple[int, int]] = field(default_factory=list)
 
+    def record(self) -> dict[str, Any]:
+        """The JSON-able summary a results file keeps (non-finite losses as ``None``)."""
+        def finite(value: float) -> float | None:
+            return value if math.isfinite(value) else None
+        return {"name": self.name, "steps": self.steps, "loss_first": finite(self.first_loss),
+                "loss_last": finite(self.last_loss), "stopped_early": self.stopped_early,
+                "seconds": round(self.seconds, 3), "regroups": [list(r) for r in self.regroups]}
 
-def unit_loss(unit: ReconUnit, output: Any, targets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum over the feature axis of the squared error, mean over the other axes, added over outputs."""
+
+def unit_loss(unit: ReconUnit, output: Any, targets: Sequence[torch.Tensor],
+              loss_axis: str = "channels") -> torch.Tensor:
+    """Sum over ``loss_axis`` of the squared error, mean over the other axes, weighted over outputs."""
     preds = unit.select(output)
     if len(preds) != len(targets):
         raise ValueError(f"unit {unit.name!r}: {len(preds)} outputs but {len(targets)} targets")
+    dim = unit.feature_axis if loss_axis == "channels" else LOSS_AXES[loss_axis]
+    weights = unit.weights or (1.0,) * len(preds)
     total = preds[0].new_zeros(())
-    for p, t in zip(preds, targets):
+    for p, t, w in zip(preds, targets, weights):
         if p.shape != t.shape:
             raise ValueError(f"unit {unit.name!r}: output of shape {tuple(p.shape)} but target "
                              f"{tuple(t.shape)}")
-        total = total + (p - t).pow(2).sum(dim=unit.feature_axis).mean()
+        if w:
+            total = total + w * (p - t).pow(2).sum(dim=dim).mean()
     return total
 
 
@@ -225,15 +255,20 @@ def _descend(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | No
         opt.step()
 
 
-def _finish(unit: ReconUnit) -> None:
-    """Harden every AdaRound of the unit and require the evaluation state (no soft rounding, no dropping)."""
+def _finish(unit: ReconUnit, act_quant: bool) -> None:
+    """Harden every AdaRound of the unit and require the evaluation state (no soft rounding, no dropping;
+    the activation quantizers may be off only when they were deliberately)."""
     for q in adaround_quantizers(unit):
         q.harden()
     soft = [q.name for q in adaround_quantizers(unit) if not q.is_hard]
     if soft:
         raise RuntimeError(f"unit {unit.name!r}: AdaRound still soft after hardening: {soft}")
-    if unit.quantizers:
+    if unit.quantizers and act_quant:
         assert_fully_quantized(unit.module)
+
+
+def _expected_mode(q: Quantizer, act_quant: bool) -> Mode:
+    return Mode.QUANTIZE if act_quant or q.role is Role.WEIGHT else Mode.OFF
 
 
 def reconstruct_unit(
@@ -253,9 +288,10 @@ def reconstruct_unit(
     start = time.perf_counter()
     if unit.iters is not None:
         settings = dataclasses.replace(settings, iters=unit.iters)
-    not_ready = [q.name for q in unit.quantizers if q.mode is not Mode.QUANTIZE]
+    not_ready = [q.name for q in unit.quantizers if q.mode is not _expected_mode(q, settings.act_quant)]
     if not_ready:
-        raise RuntimeError(f"unit {unit.name!r}: quantizers not in QUANTIZE mode: {not_ready}")
+        state = "QUANTIZE mode" if settings.act_quant else "QUANTIZE mode (weights) / OFF (activations)"
+        raise RuntimeError(f"unit {unit.name!r}: quantizers not in {state}: {not_ready}")
     already = [q.name for q in adaround_quantizers(unit) if q.is_hard]
     if already:
         raise RuntimeError(f"unit {unit.name!r}: AdaRound already hardened (reconstructed twice?): {already}")
@@ -286,7 +322,7 @@ def reconstruct_unit(
                 entries, quant, floats, targets = batch(batches)
                 inputs = _mix(quant, floats, p, masks) if p > 0 else quant
                 output = unit.call(unit.module, inputs)
-                rec = unit_loss(unit, output, targets)
+                rec = unit_loss(unit, output, targets, settings.loss_axis)
                 if extra_loss is not None:
                     rec = rec + extra_loss(LossContext(unit, unit_index, entries, inputs, output, targets))
                 loss = rec
@@ -308,7 +344,7 @@ def reconstruct_unit(
         for t in frozen:
             t.requires_grad_(True)
         unit.module.train(was_training)
-    _finish(unit)
+    _finish(unit, settings.act_quant)
     report.first_loss, report.last_loss = plateau.first, plateau.ema
     report.seconds = time.perf_counter() - start
     return report

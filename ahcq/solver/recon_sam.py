@@ -2,13 +2,15 @@
 
 ``recon.units: blocks`` (BRECQ / QDrop / PTQ4SAM / AHCPTQ granularity): each encoder block's attention and
 MLP sub-block, the neck, each two-way layer's four sub-blocks and the final token->image attention (see
-``recon_sam_units`` for each unit's exact input and output). ``recon.units: stages`` (SAQ-SAM): encoder
-stages closed by global-attention blocks, the neck, whole two-way layers and the final attention (trained
-``FINAL_ITERS_FACTOR`` times longer). With ``par.enabled`` a stage is compared after layer skipping, on the
-image-token output of the float neck and float two-way transformer for the image's prompts (PAR only, as
-the reference), and a decoder layer on ``beta * rec + alpha * PAR`` with PAR on the token output of the rest
-of the transformer run in float. Targets are those of the float model (the engine's convention), where
-SAQ-SAM takes them from a copy whose earlier stages are already quantized.
+``recon_sam_units`` for each unit's exact input and output). ``recon.units: layers`` (AHCQ-SAM): each whole
+encoder block, the neck, each whole two-way layer and the final attention. ``recon.units: stages``
+(SAQ-SAM): encoder stages closed by global-attention blocks, the neck, whole two-way layers and the final
+attention (trained ``FINAL_ITERS_FACTOR`` times longer). With ``par.enabled`` a stage is compared after
+layer skipping, on the image-token output of the float neck and float two-way transformer for the image's
+prompts (PAR only, as the reference), and a decoder layer on ``beta * (query_weight * rec(queries) +
+rec(keys)) + alpha * PAR`` with PAR on the token output of the rest of the transformer run in float.
+Targets are those of the original float model (the engine's convention), where SAQ-SAM takes them from a
+copy whose earlier stages are already quantized.
 
 The pipeline's ``forward`` decodes boxes chunk by chunk, so decoder units would run several times per
 image; the engine needs each unit once per sample, so this module runs its own chain (encoder input ->
@@ -16,7 +18,6 @@ units -> two-way transformer) over at most ``max_boxes`` boxes per image (a seed
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import nn
 
 from ahcq.quantization.api import iter_quantizers, quantization_disabled
 from ahcq.quantization.config import QConfig
-from ahcq.solver.recon_loop import LossContext, UnitReport
+from ahcq.solver.recon_loop import UnitReport
 from ahcq.solver.recon_sam_units import (
     DecoderLayerUnit,
     DecoderPart,
@@ -117,7 +118,7 @@ def sam_chain(sam: Sam, qconfig: QConfig, par: bool | None = None) -> SamChain:
     ``par`` (default ``par.enabled`` with stages): PAR's float tails; without them each module of the model
     runs exactly once per forward of the chain.
     """
-    stages = qconfig.recon.units == "stages"
+    stages, whole = qconfig.recon.units == "stages", qconfig.recon.units == "layers"
     par = stages and (qconfig.par.enabled if par is None else par)
     iters_cams = qconfig.recon.iters_cams if qconfig.recon.iters_cams != qconfig.recon.iters else None
     enc, transformer = sam.image_encoder, sam.mask_decoder.transformer
@@ -129,17 +130,22 @@ def sam_chain(sam: Sam, qconfig: QConfig, par: bool | None = None) -> SamChain:
                 name = f"image_encoder.blocks.{idx[0]}-{idx[-1]}"
                 encoder.append(ReconUnit(name, module, output=1 if par else None, feed=_first_feed,
                                          iters=iters_cams or None))
+        elif whole:
+            encoder += [ReconUnit(f"image_encoder.blocks.{i}", block) for i, block in enumerate(enc.blocks)]
         else:
             for i, block in enumerate(enc.blocks):
                 encoder.append(ReconUnit(f"image_encoder.blocks.{i}.attn", EncoderAttnUnit(block)))
                 encoder.append(ReconUnit(f"image_encoder.blocks.{i}.mlp", EncoderMlpUnit(block)))
         encoder.append(ReconUnit("image_encoder.neck", NeckUnit(enc.neck), feature_axis=1, feed=_first_feed))
     decoder: list[ReconUnit] = []
+    p = qconfig.par
     for j, layer in enumerate(transformer.layers):
         name = f"mask_decoder.transformer.layers.{j}"
-        if stages:
+        if stages or whole:
             module = DecoderLayerUnit(layer, transformer if par else None)
-            decoder.append(ReconUnit(name, module, output=(0, 1, 2) if par else (0, 1), feed=_stream_feed))
+            weights = (p.beta * p.query_weight, p.beta, p.alpha) if par else None
+            decoder.append(ReconUnit(name, module, output=(0, 1, 2) if par else (0, 1), feed=_stream_feed,
+                                     weights=weights))
             continue
         for part in DECODER_PARTS:
             output = 1 if part == "cross_attn_image_to_token" else 0
@@ -158,15 +164,16 @@ def _boxes(sample: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prepare_samples(sam: Sam, samples: Sequence[Any], max_boxes: int, seed: int, device: torch.device,
+def prepare_samples(sam: Sam, samples: Sequence[Any], max_boxes: int | None, seed: int, device: torch.device,
                     use_embedding: bool) -> tuple[list[Prompted], list[int]]:
-    """Prompt tokens of at most ``max_boxes`` boxes per image (a seeded subset, in the given order) and the
-    encoder input (or the float embedding); images without boxes are left out. Also the kept box counts."""
+    """Prompt tokens of at most ``max_boxes`` boxes per image (a seeded subset, in the given order; ``None``:
+    all) and the encoder input (or the float embedding); images without boxes are left out. Also the kept
+    box counts."""
     decoder, transform = sam.mask_decoder, ResizeLongestSide(sam.image_encoder.img_size)
     prepared, kept = [], []
     for i, sample in enumerate(samples):
         boxes, image = _boxes(sample), sample.cached.sample.image
-        if len(boxes) > max_boxes:
+        if max_boxes is not None and len(boxes) > max_boxes:
             order = torch.randperm(len(boxes), generator=stream(seed, "recon-boxes", i))
             boxes = boxes[order[:max_boxes].sort().values]
         kept.append(len(boxes))
@@ -182,31 +189,6 @@ def prepare_samples(sam: Sam, samples: Sequence[Any], max_boxes: int, seed: int,
     if not prepared:
         raise ValueError("reconstruct_sam: no calibration image has a box prompt")
     return prepared, kept
-
-
-def _par_weights(alpha: float, beta: float) -> Callable[[LossContext], torch.Tensor] | None:
-    """The engine adds every compared output with weight 1; this adds ``(beta - 1) * rec + (alpha - 1) *
-    PAR`` for the decoder layers whose third output is the transformer's token output."""
-    if alpha == 1.0 and beta == 1.0:
-        return None
-
-    def extra(ctx: LossContext) -> torch.Tensor:
-        preds = ctx.unit.select(ctx.output)
-        if len(preds) != 3:
-            return preds[0].new_zeros(())
-        terms = [(p - t).pow(2).sum(-1).mean() for p, t in zip(preds, ctx.targets)]
-        return (beta - 1.0) * (terms[0] + terms[1]) + (alpha - 1.0) * terms[2]
-    return extra
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _unit_record(report: UnitReport) -> dict[str, Any]:
-    return {"name": report.name, "steps": report.steps, "loss_first": _finite(report.first_loss),
-            "loss_last": _finite(report.last_loss), "stopped_early": report.stopped_early,
-            "seconds": round(report.seconds, 3), "regroups": [list(r) for r in report.regroups]}
 
 
 def reconstruct_sam(
@@ -230,22 +212,21 @@ def reconstruct_sam(
     """
     start = time.perf_counter()
     device = torch.device(device) if device is not None else sam.device
-    chain = sam_chain(sam, qconfig)
+    chain, p = sam_chain(sam, qconfig), qconfig.par
     cap = max_boxes or (qconfig.par.max_prompts if chain.par else BLOCKS_MAX_BOXES)
     prepared, kept = prepare_samples(sam, samples, cap, qconfig.seed, device, use_embedding=not chain.encoder)
     settings = ReconSettings.from_qconfig(qconfig)
-    extra = _par_weights(qconfig.par.alpha, qconfig.par.beta) if chain.par else None
     result = reconstruct(sam, chain.units, prepared, settings, chain, max_cache_gb=max_cache_gb,
-                         state_dir=state_dir, extra_loss=extra, on_unit_end=on_unit_end, progress=progress)
+                         state_dir=state_dir, on_unit_end=on_unit_end, progress=progress)
     return {
         "granularity": qconfig.recon.units,
-        "par": {"alpha": qconfig.par.alpha, "beta": qconfig.par.beta} if chain.par else None,
+        "par": {"alpha": p.alpha, "beta": p.beta, "query_weight": p.query_weight} if chain.par else None,
         "max_boxes": cap,
         "boxes_per_image": kept,
         "iters": settings.iters,
         "drop_prob": settings.drop_prob,
         "unit_names": [u.label for u in chain.units],
-        "units": [_unit_record(r) for r in result.reports],
+        "units": [r.record() for r in result.reports],
         "resumed_at": result.resumed_at,
         "peak_cache_bytes": result.peak_cache_bytes,
         "spilled_bytes": result.spilled_bytes,

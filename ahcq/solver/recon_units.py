@@ -79,6 +79,7 @@ class ReconUnit:
     the loss (channels; ``1`` for NCHW convolution outputs). ``call`` runs the module on stored inputs;
     ``feed`` makes this unit's quantized inputs from the previous unit's quantized output (see module doc).
     ``iters`` overrides the run's iteration count for this unit (SAQ-SAM trains its last unit longer).
+    ``weights``: one loss weight per compared output (default 1 each; SAQ-SAM's prompt-aware decoder loss).
     """
 
     name: str
@@ -88,6 +89,7 @@ class ReconUnit:
     call: Callable[[nn.Module, Inputs], Any] = default_call
     feed: Callable[[Any, Inputs], Inputs] = chain_feed
     iters: int | None = None
+    weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.module, nn.Module):
@@ -95,11 +97,16 @@ class ReconUnit:
             raise TypeError(f"unit {self.name!r}: module must be an nn.Module, got {kind}")
         if self.iters is not None and self.iters < 1:
             raise ValueError(f"unit {self.name!r}: iters must be >= 1, got {self.iters}")
+        compared = 1 if not isinstance(self.output, tuple) else len(self.output)
+        if self.weights is not None and len(self.weights) != compared:
+            raise ValueError(f"unit {self.name!r}: {len(self.weights)} loss weights for {compared} compared "
+                             f"outputs")
 
     @property
     def label(self) -> str:
-        """Name plus its own iteration count, if any: what a saved state must match."""
-        return self.name if self.iters is None else f"{self.name} (iters={self.iters})"
+        """Name plus its own iteration count and loss weights, if any: what a saved state must match."""
+        label = self.name if self.iters is None else f"{self.name} (iters={self.iters})"
+        return label if self.weights is None else f"{label} (weights={list(self.weights)})"
 
     @property
     def quantizers(self) -> list[Quantizer]:

@@ -10,9 +10,12 @@ AdaRound weights that belong to no unit are rounded to nearest at the start (nev
 
 Guarantees on return: every AdaRound in every unit is hard and every quantizer of the model is in
 ``Mode.QUANTIZE`` without dropping (``assert_fully_quantized``), so QDrop can never leak into evaluation.
+With ``act_quant`` false (BRECQ's reference) the activation quantizers are off from the capture to the last
+unit, so the units train and propagate with float activations; they come back on at the end.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ahcq.quantization.api import assert_fully_quantized, iter_quantizers, set_mode
+from ahcq.quantization.api import activations_off, assert_fully_quantized, iter_quantizers, set_mode
 from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
 
 from .recon_cache import STORAGE_DTYPES, ActivationCache, ItemPlan
@@ -135,7 +138,8 @@ def reconstruct(
         return result
     plan = ItemPlan(settings.seed, settings.max_items, settings.chunk_items)
     storage = STORAGE_DTYPES[settings.cache_dtype]
-    with ActivationCache(int(max_cache_gb * 2**30), cache_dir, storage) as cache:
+    floats = activations_off(model) if not settings.act_quant else contextlib.nullcontext()
+    with ActivationCache(int(max_cache_gb * 2**30), cache_dir, storage) as cache, floats:
         index = capture(model, units, samples, forward, cache, plan, progress)
         for k in range(result.resumed_at):
             propagate(units, k, cache, index, progress)

@@ -40,9 +40,10 @@ from ahcq.solver.reconstruction import ReconSettings
 from ahcq.solver.results import write_results
 from ahcq.solver.seeding import seed_everything
 from ahcq.video import VOSReport, evaluate, read_dataset
-from ahcq.video.calibration import apply_big_sam2, calibrate, reconstruct_video, select_clips, track_clip
+from ahcq.video.calibration import apply_big_sam2, calibrate, select_clips, track_clip
 from ahcq.video.fixtures import make_moving_shapes_clip
 from ahcq.video.propagation import TrackedPredictions, TrackOptions
+from ahcq.video.reconstruction import reconstruct_video
 
 logger = logging.getLogger("test_quant_video")
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +56,12 @@ _SECTIONS = {
     "calibration": {"root", "layout", "split", "videos", "frames"},
     "tracking": {"threshold", "offload_video", "offload_state"},
 }
-_UNSUPPORTED = (("pcc.enabled", lambda q: q.pcc.enabled), ("par.enabled", lambda q: q.par.enabled))
+_UNSUPPORTED = (
+    ("pcc.enabled", lambda q: q.pcc.enabled),
+    ("par.enabled", lambda q: q.par.enabled),
+    ("attention.rel_pos_float_q", lambda q: q.attention.rel_pos_float_q),
+    ("recon.act_quant false", lambda q: q.recon.enabled and not q.recon.act_quant),
+)
 
 
 class UserError(Exception):
@@ -165,10 +171,13 @@ def _load_qconfig(opts: VideoRunOptions) -> QConfig | None:
     bad = [key for key, on in _UNSUPPORTED if on(qconfig)]
     if bad:
         raise UserError(f"--q_config {opts.q_config}: {', '.join(bad)} is not available in the video "
-                        "pipeline (SAM-only prompt-aware steps); switch it off for SAM2")
-    if qconfig.recon.enabled and qconfig.recon.units != "blocks":
-        raise UserError(f"--q_config {opts.q_config}: recon.units {qconfig.recon.units!r} is not defined for "
-                        "SAM2; use 'blocks'")
+                        "pipeline (SAM-only steps); switch it off for SAM2")
+    if qconfig.recon.enabled and qconfig.recon.units == "stages":
+        raise UserError(f"--q_config {opts.q_config}: recon.units 'stages' is not defined for SAM2; use "
+                        "'blocks' or 'layers'")
+    if qconfig.recon.enabled and qconfig.recon.batch_size != 1:
+        raise UserError(f"--q_config {opts.q_config}: recon.batch_size {qconfig.recon.batch_size}: SAM2 "
+                        "reconstruction takes one tracked call per step; use 1")
     return qconfig if opts.seed is None else dataclasses.replace(qconfig, seed=opts.seed)
 
 
@@ -246,18 +255,22 @@ def _quantize(predictor: torch.nn.Module, qconfig: QConfig, clips: list, options
     timer["calibration"] = time.perf_counter() - start
     if qconfig.recon.enabled:
         start = time.perf_counter()
-        reports = reconstruct_video(predictor, ReconSettings.from_qconfig(qconfig), clips, options)
-        report["reconstruction"] = {name: [dataclasses.asdict(r) for r in rs] for name, rs in reports.items()}
+        report["reconstruction"] = reconstruct_video(predictor, ReconSettings.from_qconfig(qconfig), clips,
+                                                     options, whole_layers=qconfig.recon.units == "layers")
         timer["reconstruction"] = time.perf_counter() - start
     switch_to_evaluation(predictor)
     return report
 
 
 def _clips(cfg: dict[str, Any], opts: VideoRunOptions, qconfig: QConfig, pool: list, seed: int) -> list:
-    """N videos x K frames: from the CLI, else the run config, else 8 videos and calibrate / N frames."""
+    """N videos x K frames: from the CLI, else the run config, else the q_config's ``calibrate: {sample,
+    frame}``, else 8 videos and calibrate / N frames."""
+    framed = qconfig.calibrate_frames is not None
+    default_n = qconfig.calibrate if framed else min(8, len(pool))
     try:
-        n = opts.calib_videos or int(cfg["calibration"].get("videos", min(8, len(pool))))
-        k = opts.calib_frames or int(cfg["calibration"].get("frames", max(1, qconfig.calibrate // max(n, 1))))
+        n = opts.calib_videos or int(cfg["calibration"].get("videos", default_n))
+        default_k = qconfig.calibrate_frames if framed else max(1, qconfig.calibrate // max(n, 1))
+        k = opts.calib_frames or int(cfg["calibration"].get("frames", default_k))
         return select_clips(pool, n, k, seed)
     except ValueError as err:
         raise UserError(f"calibration: {err}") from None

@@ -18,6 +18,7 @@ from torch import nn
 
 from ahcq.models.sam import DEFAULT_KEEP_FLOAT, float_patterns, is_kept_float
 from ahcq.models.sam_roles import SAM_ROLE_TABLE
+from ahcq.quantization.recipe import Feature
 
 __all__ = ["SCALE_BITS", "Granularity", "RegisterCount", "build_meta_sam", "cag_sites", "count_registers"]
 
@@ -51,7 +52,7 @@ class Granularity:
 
 def cag_sites(sam: nn.Module, quant_encoder: bool = True) -> list[tuple[str, int]]:
     """``(name, channels)`` of every Linear whose input quantizer the role map makes CAG."""
-    patterns = [r.pattern for r in SAM_ROLE_TABLE if r.kind == "cag" and r.slot == "input"]
+    patterns = [r.pattern for r in SAM_ROLE_TABLE if r.kind is Feature.CAG and r.slot == "input"]
     keep = float_patterns(quant_encoder, DEFAULT_KEEP_FLOAT)
     return [
         (name, module.in_features)

@@ -93,7 +93,7 @@ def test_role_map_kinds_follow_the_method_switches() -> None:
         f"{enc}.attn.q_quantizer": ("LSQQuantizer", Role.QUERY),
         f"{enc}.attn.k_quantizer": ("LSQQuantizer", Role.KEY),
         f"{enc}.attn.v_quantizer": ("LSQQuantizer", Role.VALUE),
-        f"{enc}.attn.prob_quantizer": ("AGQuantizer", Role.ATTN_PROB),
+        f"{enc}.attn.prob_quantizer": ("LNQuantizer", Role.ATTN_PROB),  # AHCQ-SAM: LNQ on every softmax
         f"{enc}.attn.proj.input_quantizer": ("LSQQuantizer", Role.INPUT),
         f"{enc}.mlp.lin1.input_quantizer": ("CAGQuantizer", Role.INPUT),
         f"{enc}.mlp.lin2.input_quantizer": ("HLUQuantizer", Role.INPUT),
@@ -114,6 +114,7 @@ def test_role_map_kinds_follow_the_method_switches() -> None:
 
     ptq4sam = quantize_sam(tiny_sam(), parse_qconfig({**W8A8, "ptq4sam": {"AGQ": True}}))
     assert kinds(ptq4sam)[f"{dec}.final_attn_token_to_image.prob_quantizer"][0] == "AGQuantizer"
+    assert kinds(ptq4sam)[f"{enc}.attn.prob_quantizer"][0] == "AGQuantizer"
     assert kinds(ptq4sam)[f"{enc}.mlp.lin2.input_quantizer"][0] == "LSQQuantizer"
     plain = kinds(quantize_sam(tiny_sam(), parse_qconfig(W8A8)))
     assert {kind for kind, role in plain.values() if role is not Role.WEIGHT} == {"LSQQuantizer"}

@@ -87,28 +87,74 @@ def test_big_folds_bimodal_keys_without_changing_the_attention_output():
             torch.testing.assert_close(_decoder_logits(sam, sample), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_acnr_from_the_error_moment_equals_acnr_from_the_raw_errors():
+def _ill_conditioned_mlp(layers: int = 1) -> nn.Sequential:
+    """Linear layers of condition number 1000 (ReLU between them), quantized W4A4 and calibrated."""
     torch.manual_seed(0)
-    u, _ = torch.linalg.qr(torch.randn(16, 16))
-    v, _ = torch.linalg.qr(torch.randn(16, 16))
-    model = nn.Sequential(nn.Linear(16, 16))
-    with torch.no_grad():
-        model[0].weight.copy_(u @ torch.diag(torch.logspace(0, -3, 16)) @ v.T)
+    modules: list[nn.Module] = []
+    for i in range(layers):
+        u, _ = torch.linalg.qr(torch.randn(16, 16))
+        v, _ = torch.linalg.qr(torch.randn(16, 16))
+        linear = nn.Linear(16, 16)
+        with torch.no_grad():
+            linear.weight.copy_(u @ torch.diag(torch.logspace(0, -3, 16)) @ v.T * 4)
+        modules += [linear, nn.ReLU()] if i + 1 < layers else [linear]
+    model = nn.Sequential(*modules)
     api.quantize(model, act=api.QuantSpec(bits=4, quantizer="fixed", observer="minmax"),
                  weight=api.QuantSpec(bits=4, quantizer="fixed", observer="minmax", ch_axis=0))
-    layer = model[0]
-    xs = [torch.randn(int(n), 16) * torch.linspace(0.1, 3, 16) for n in (5, 9, 7)]
+    return model
+
+
+def _inputs() -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(int(n), 16) * torch.linspace(0.1, 3, 16) for n in (5, 9, 7)]
+
+
+def _calibrated(model: nn.Module, xs: list[torch.Tensor]) -> None:
     with api.calibrating(model), torch.no_grad():
         for x in xs:
             model(x)
-    cfg = ACNRConfig(enabled=True, iters=50, lam=0.01, beta=0.001, energy=0.8, min_cond=100.0,
-                     target="mean", calib=3)
-    deltas = [x - layer.input_quantizer.fake_quant(x) for x in xs]
-    expected = acnr(layer.weight.detach().clone(), deltas, iters=50, lam=0.01, beta=0.001, energy=0.8,
-                    min_cond=100.0, target="mean")
+
+
+ACNR_ARGS = dict(iters=50, lam=0.01, beta=0.001, energy=0.8, min_cond=100.0, target="mean")
+
+
+def test_local_acnr_from_the_error_moment_equals_acnr_from_the_pooled_raw_errors():
+    model, xs = _ill_conditioned_mlp(), _inputs()
+    _calibrated(model, xs)
+    layer = model[0]
+    cfg = ACNRConfig(enabled=True, calib=3, error="local", **ACNR_ARGS)
+    deltas = torch.cat([x - layer.input_quantizer.fake_quant(x) for x in xs])  # every token counts once
+    expected = acnr(layer.weight.detach().clone(), deltas, **ACNR_ARGS)
     report = condition_linears(model, xs, model, cfg)
     assert not expected.skipped and report["0"]["cond_after"] < report["0"]["cond_before"] / 10
     torch.testing.assert_close(layer.weight.detach(), expected.weight, atol=1e-6, rtol=1e-5)
+
+
+def test_accumulated_acnr_conditions_each_layer_on_the_original_float_minus_the_quantized_chain():
+    """The AHCQ-SAM error term, re-derived by hand in float64: layer 1 sees ``X_fp - Q1(X_q)`` where
+    ``X_fp = relu(W0 x + b0)`` of the original weights and ``X_q = relu(W0' Q0(x) + b0)`` of the conditioned
+    layer 0 with its input quantized and its weight in float."""
+    model, xs = _ill_conditioned_mlp(2), _inputs()
+    _calibrated(model, xs)
+    first, second = model[0], model[2]
+    w0 = first.weight.detach().double().clone()
+    b0 = first.bias.detach().double()
+    q0, q1 = first.input_quantizer, second.input_quantizer
+    expected0 = acnr(w0.float(), torch.cat([x - q0.fake_quant(x) for x in xs]), **ACNR_ARGS).weight
+    deltas = []
+    for x in xs:
+        x_fp = torch.relu(x.double() @ w0.T + b0)
+        x_q = torch.relu(q0.fake_quant(x).double() @ expected0.double().T + b0)
+        deltas.append(x_fp - q1.fake_quant(x_q.float()).double())
+    expected1 = acnr(second.weight.detach().clone(), torch.cat(deltas), **ACNR_ARGS).weight
+    report = condition_linears(model, xs, model, ACNRConfig(enabled=True, calib=3, **ACNR_ARGS))
+    assert not report["0"]["skipped"] and not report["2"]["skipped"]
+    torch.testing.assert_close(first.weight.detach(), expected0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(second.weight.detach(), expected1, atol=1e-5, rtol=1e-4)
+    with api.quantization_disabled(model), torch.no_grad():  # the float model is the original one
+        torch.testing.assert_close(model(xs[0]).double(),
+                                   torch.relu(xs[0].double() @ w0.T + b0) @ second.float_weight.double().T
+                                   + second.bias.double(), atol=1e-5, rtol=1e-5)
 
 
 def test_calibrate_recalibrates_on_the_conditioned_weights():

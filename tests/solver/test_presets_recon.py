@@ -21,7 +21,10 @@ METHODS = ("brecq", "qdrop", "ptq4sam", "ahcptq", "saqsam", "ahcqsam")
 ITERS = 3
 # units of the test SAM (depth 2 with one global block, one two-way layer)
 BLOCK_UNITS = 2 * 2 + 1 + 4 + 1
+LAYER_UNITS = 2 + 1 + 1 + 1  # AHCQ-SAM: whole blocks, the neck, whole two-way layers, the final attention
 STAGE_UNITS = 1 + 1 + 1 + 1
+UNITS = {"stages": STAGE_UNITS, "layers": LAYER_UNITS, "blocks": BLOCK_UNITS}
+GRANULARITY = {"saqsam": "stages", "ahcqsam": "layers"}
 
 
 def _tiny_sam():
@@ -61,8 +64,8 @@ def test_preset_reconstructs_end_to_end(method, demo, monkeypatch):
     assert recon["requested"] and recon["ran"]
     report = recon["report"]
     stages = method == "saqsam"
-    assert report["granularity"] == ("stages" if stages else "blocks")
-    assert len(report["units"]) == (STAGE_UNITS if stages else BLOCK_UNITS)
+    assert report["granularity"] == GRANULARITY.get(method, "blocks")
+    assert len(report["units"]) == UNITS[report["granularity"]]
     steps = [u["steps"] for u in report["units"]]
     assert steps == [ITERS] * (len(steps) - 1) + [ITERS * FINAL_ITERS_FACTOR if stages else ITERS]
     assert report["drop_prob"] == (1.0 if method == "brecq" else 0.5)
@@ -79,5 +82,6 @@ def test_other_presets_load_and_give_their_method_units(path):
     sam = _tiny_sam()
     quantize_sam(sam, cfg, quant_encoder=True)
     chain = sam_chain(sam, cfg)
-    assert len(chain.units) == (STAGE_UNITS if cfg.method == "saqsam" else BLOCK_UNITS)
+    assert cfg.recon.units == GRANULARITY.get(cfg.method, "blocks")
+    assert len(chain.units) == UNITS[cfg.recon.units]
     assert chain.par == (cfg.method == "saqsam")

@@ -98,14 +98,26 @@ def test_w4a4_run_writes_complete_results(setup, fp_results, quant_results, caps
     assert r["sam2_overrides"][-2:] == [*EXTRA, "++model.fill_hole_area=0"]
     calib = r["calibration"]
     assert len(calib["videos"]) == 1 and calib["frames"] == 2
-    sites = ("layers.0.cross_attn_token_to_image", "layers.1.cross_attn_token_to_image",
-             "final_attn_token_to_image")
+    sites = ("layers.0.cross_attn_token_to_image", "layers.1.cross_attn_token_to_image")
     assert set(calib["big"]) == {f"sam_mask_decoder.transformer.{s}" for s in sites}
     assert calib["acnr"]
     assert calib["weight_groups"] and all(1 <= g <= 4 for g in calib["weight_groups"].values())
     recon = calib["reconstruction"]
-    assert set(recon) == {"image_encoder", "memory_attention", "memory_encoder", "sam_mask_decoder"}
-    assert len(recon["image_encoder"]) == 12 and all(u["steps"] == 2 for us in recon.values() for u in us)
+    names = recon["unit_names"]
+    # the AHCQ-SAM SAM2 code's units, in its order: Hiera attention / MLP / stage projection, the FPN neck,
+    # memory-attention parts, memory-encoder parts, decoder sub-blocks and the final attention
+    hiera = [n for n in names if n.startswith("image_encoder.trunk.blocks.")]
+    assert len(hiera) == 12 * 2 + 3 and hiera[:3] == [f"image_encoder.trunk.blocks.0.{p}" for p in
+                                                       ("attn", "mlp")] + ["image_encoder.trunk.blocks.1.attn"]
+    assert names[len(hiera)] == "image_encoder.neck"
+    assert names[len(hiera) + 1:len(hiera) + 5] == [f"memory_attention.layers.0.{p}" for p in
+                                                    ("self_attn", "cross_attn_image", "linear1", "linear2")]
+    assert [n for n in names if n.startswith("memory_encoder")] == [
+        "memory_encoder.mask_downsampler", "memory_encoder.pix_feat_proj", "memory_encoder.fuser.layers.0",
+        "memory_encoder.fuser.layers.1", "memory_encoder.out_proj"]
+    assert len([n for n in names if n.startswith("sam_mask_decoder")]) == 2 * 4 + 1
+    assert names[-1] == "sam_mask_decoder.transformer.final_attn_token_to_image"
+    assert len(recon["units"]) == len(names) and all(u["steps"] == 2 for u in recon["units"])
     assert {"build", "fp_eval", "calibration", "reconstruction", "quant_eval", "total"} <= set(r["timings_s"])
     main(["--config", str(setup["config"]), "--out", str(setup["root"] / "fp2"), "--fp-only"])
     table = capsys.readouterr().out
@@ -116,9 +128,8 @@ def test_same_seed_same_quantized_result(setup, quant_results, tmp_path) -> None
     again = _run(setup, tmp_path, "--q_config", str(setup["qconfig"]), "--seed", "3")
     assert again["quant"] == quant_results["quant"]
     assert again["calibration"]["videos"] == quant_results["calibration"]["videos"]
-    losses = [[u["last_loss"] for u in us] for us in again["calibration"]["reconstruction"].values()]
-    assert losses == [[u["last_loss"] for u in us]
-                      for us in quant_results["calibration"]["reconstruction"].values()]
+    losses = [u["loss_last"] for u in again["calibration"]["reconstruction"]["units"]]
+    assert losses == [u["loss_last"] for u in quant_results["calibration"]["reconstruction"]["units"]]
 
 
 def _fails(argv: list[str], capsys, match: str, out: Path) -> None:

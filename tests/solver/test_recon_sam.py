@@ -156,7 +156,7 @@ def nearest(sam):
 
 @pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
 def test_reconstruction_lowers_the_output_error_of_calibration_only(cache_dtype):
-    cfg = qconfig(iters=25, weight_lr=3e-2, scale_lr=1e-3, cache_dtype=cache_dtype)
+    cfg = qconfig(iters=25, weight_lr=3e-2, scale_lr=1e-3, cache_dtype=cache_dtype, act_quant=True)
     sam, samples = calibrated(cfg)
     baseline = chain_output_error(nearest(sam), samples)
     report = reconstruct_sam(sam, samples, cfg, device="cpu", progress=False)
@@ -228,7 +228,8 @@ def test_prompts_are_capped_by_a_seeded_subset_and_par_trains_the_last_unit_long
     calibrate(sam, samples, pipeline_forward(sam), cfg)
     report = reconstruct_sam(sam, samples, cfg, device="cpu", progress=False, max_boxes=4)
     assert report["max_boxes"] == 4 and report["boxes_per_image"] == [4, 4]
-    assert report["granularity"] == "stages" and report["par"] == {"alpha": 1.0, "beta": 1.0}
+    assert report["granularity"] == "stages" and report["par"] == {"alpha": 1.0, "beta": 1.0,
+                                                                                "query_weight": 0.01}
     steps = {u["name"]: u["steps"] for u in report["units"]}
     assert steps == {"image_encoder.blocks.0-1": 3, "image_encoder.blocks.2-3": 3, "image_encoder.neck": 2,
                      "mask_decoder.transformer.layers.0": 2, "mask_decoder.transformer.layers.1": 2,

@@ -1,5 +1,6 @@
 """PCC on SAM's decoder attentions: the chosen clipping lands in the right quantizers and gives the reported
-attention overlap when the real attention module runs."""
+attention overlap when the real attention module runs, with the PCC points of the attentions before it
+clipping its inputs (SAQ-SAM's sequential search; the last of its two passes sets every range)."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ from ahcq.quantization.api import set_mode
 from ahcq.quantization.primitives import qparams_from_minmax
 from ahcq.quantization.quantizers import Mode
 from ahcq.quantization.transforms.pcc import iou_distance
-from ahcq.solver.pcc_sam import PCC_POINTS, apply_pcc
+from ahcq.solver.pcc_sam import PCC_POINTS, apply_pcc, decoder_attentions
 from ahcq.solver.recon_sam import prepare_samples, sam_chain
 
 SITE = "mask_decoder.transformer.layers.0.cross_attn_token_to_image"
@@ -26,6 +27,14 @@ def pcc():
 
 def _site(sam):
     return sam.get_submodule(SITE)
+
+
+def _pcc_points_on(sam):
+    """Every quantizer off except the PCC points of every decoder attention, as after the last pass."""
+    set_mode(sam, Mode.OFF)
+    for _, attn in decoder_attentions(sam):
+        for path in PCC_POINTS:
+            attn.get_submodule(path).set_mode(Mode.QUANTIZE)
 
 
 def _run_site(sam, cfg, samples, hook_on):
@@ -52,7 +61,7 @@ def test_every_decoder_attention_gets_four_clippings(pcc):
 def test_query_input_range_is_the_reported_quantile_of_the_float_input(pcc):
     cfg, sam, samples, report = pcc
     attn = _site(sam)
-    set_mode(sam, Mode.OFF)
+    _pcc_points_on(sam)
     x = _run_site(sam, cfg, samples, attn.q_proj)
     p = report[SITE]["q_proj.input_quantizer"]["percentile"]
     lo, hi = torch.quantile(x.reshape(-1), torch.tensor([1 - p, p]))
@@ -66,8 +75,7 @@ def test_the_module_with_the_chosen_ranges_reaches_the_reported_overlap(pcc):
     attn = _site(sam)
     set_mode(sam, Mode.OFF)
     reference = _run_site(sam, cfg, samples, attn.prob_quantizer)
-    for path in PCC_POINTS:
-        attn.get_submodule(path).set_mode(Mode.QUANTIZE)
+    _pcc_points_on(sam)
     clipped = _run_site(sam, cfg, samples, attn.prob_quantizer)
     distance = iou_distance(clipped, reference, cfg.ptq4sam.threshold)
     assert distance == pytest.approx(report[SITE]["k_quantizer"]["distance"], abs=1e-9)

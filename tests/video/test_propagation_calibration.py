@@ -12,7 +12,9 @@ from ahcq.quantization.config import parse_qconfig
 from ahcq.quantization.quantizers import Mode
 from ahcq.solver.seeding import calibration_indices
 from ahcq.video import read_sav
-from ahcq.video.calibration import CalibrationClip, calibrate, record_calls, select_clips
+from ahcq.video.calibration import CalibrationClip, calibrate, select_clips
+from ahcq.video.propagation import DEFAULT_TRACKING
+from ahcq.video.reconstruction import record_calls
 from ahcq.video.fixtures import make_moving_shapes_clip
 
 W8A8 = {"a_qconfig": {"bit": 8}, "w_qconfig": {"bit": 8, "quantizer": "fixed", "observer": "minmax"},
@@ -44,17 +46,17 @@ def test_record_calls_sees_every_tracked_frame_of_every_object(samples) -> None:
     torch.manual_seed(0)
     predictor = build_sam2_model("t", TINY, video=True)
     clip = CalibrationClip(samples[0], frames=2)
-    calls = record_calls(predictor, ["memory_attention", "sam_mask_decoder"], [clip], progress=False)
+    memory = record_calls(predictor, predictor.memory_attention, [clip], DEFAULT_TRACKING, outputs=True)
+    decoder = record_calls(predictor, predictor.sam_mask_decoder, [clip], DEFAULT_TRACKING, outputs=False)
     # 2 objects: memory attention runs on the tracked frames 1 and 2; the decoder on frame 0 too, where the
     # GT mask is the output but the decoder still makes the object pointer
-    assert len(calls["memory_attention"]) == 4 and len(calls["sam_mask_decoder"]) == 6
-    args, kwargs = calls["memory_attention"][1]
+    assert len(memory) == 4 and len(decoder) == 6 and all(out is None for _, out in decoder)
+    (args, kwargs), recorded = memory[1]
     assert not args and not any(t.is_inference() for t in kwargs["curr"])
     with torch.no_grad():
         out = predictor.memory_attention(*args, **kwargs)
     assert out.requires_grad is False and out.shape[0] == kwargs["curr"][0].shape[0]
-    with pytest.raises(KeyError, match="no submodule"):
-        record_calls(predictor, ["memory_attentio"], [clip], progress=False)
+    torch.testing.assert_close(out, recorded, atol=0, rtol=0)  # the same call gives the recorded output
 
 
 def test_calibration_finalizes_every_quantizer_on_tracking(samples) -> None:

@@ -14,9 +14,11 @@ from collections.abc import Callable
 import torch
 from scipy.optimize import minimize_scalar
 
-__all__ = ["SEARCH_MAX_ROWS", "bounded_argmin", "consumer_error", "subsample_rows", "value_error"]
+__all__ = ["SEARCH_MAX_ROWS", "VALUE_ERROR_P", "bounded_argmin", "consumer_error", "subsample_rows",
+           "value_error"]
 
 SEARCH_MAX_ROWS = 1024
+VALUE_ERROR_P = 2.4  # PTQ4SAM's and AHCQ-SAM's softmax searches score mean |(Q(A) - A) V|^2.4
 
 
 def consumer_error(
@@ -27,12 +29,13 @@ def consumer_error(
     return float(torch.mean((out.double() - x_ref_out.double()) ** 2))
 
 
-def value_error(xq: torch.Tensor, x: torch.Tensor, value: torch.Tensor | None) -> float:
-    """``mean(((xq - x) @ value)**2)``, or ``mean((xq - x)**2)`` without a value tensor."""
+def value_error(xq: torch.Tensor, x: torch.Tensor, value: torch.Tensor | None,
+                p: float = VALUE_ERROR_P) -> float:
+    """``mean(|(xq - x) @ value|**p)``, or ``mean(|xq - x|**p)`` without a value tensor."""
     diff = xq - x
     if value is not None:
         diff = torch.matmul(diff, value)
-    return float(torch.mean(diff.double() ** 2))
+    return float(torch.mean(diff.double().abs() ** p))
 
 
 def bounded_argmin(fn: Callable[[float], float], lo: float, hi: float) -> tuple[float, float]:

@@ -120,22 +120,27 @@ def search_clip_sequential(
     bits: int,
     threshold: float = 0.5,
     passes: int = 1,
+    initial: Sequence[ClipResult] | None = None,
 ) -> list[ClipResult]:
     """Greedy PCC over ``n_points`` quantization points of one attention computation.
 
     ``attention_fn(fns)`` recomputes the attention map applying ``fns[i]`` at point ``i`` (e.g. q_proj input,
     k_proj input, q, k), so a point's input reflects the quantization of the points before it. Points are
     searched in order, each with the earlier ones quantized at their chosen clipping and the later ones in
-    float (``passes > 1`` repeats the sweep with all others quantized).
+    float, or at their ``initial`` clipping when given (``passes > 1`` repeats the sweep with all others
+    quantized).
     """
     if n_points < 1 or passes < 1:
         raise ValueError(f"search_clip_sequential: need n_points >= 1, passes >= 1; got {n_points}, {passes}")
+    if initial is not None and len(initial) != n_points:
+        raise ValueError(f"search_clip_sequential: {len(initial)} initial clippings for {n_points} points")
 
     def identity(x: Tensor) -> Tensor:
         return x
 
-    fns: list[Callable[[Tensor], Tensor]] = [identity] * n_points
-    results: list[ClipResult | None] = [None] * n_points
+    results: list[ClipResult | None] = list(initial) if initial is not None else [None] * n_points
+    fns: list[Callable[[Tensor], Tensor]] = [
+        identity if r is None else _quantizer(r.lo, r.hi, bits) for r in results]
     for _ in range(passes):
         for i in range(n_points):
             captured: list[Tensor] = []

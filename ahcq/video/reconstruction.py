@@ -1,0 +1,227 @@
+"""Block reconstruction of a calibrated SAM2 predictor along the quantized chain, as the AHCQ-SAM SAM2 code.
+
+Units (``sam2_units``, the reference's list and order): per Hiera block its attention, MLP and stage
+projection; the FPN neck; per memory-attention layer its self-attention, cross-attention, ``linear1`` and
+``linear2``; the memory encoder's mask downsampler, pixel projection, each fuser block and output projection;
+per two-way layer of the mask decoder its self-attention, token→image attention, MLP and image→token
+attention, then the final attention. ``recon.units: layers`` takes whole Hiera blocks, whole memory-attention
+layers and whole two-way layers instead.
+
+Tracking feeds every component from the ones before it and from memories of earlier frames, so a unit's
+inputs are recorded by tracking the calibration clips twice per unit: once with the whole predictor
+quantized (the units before it reconstructed, the ones after it on round-to-nearest weights) for its
+quantized inputs, once with ``api.quantization_disabled`` (the original float model, before any ACNR) for
+its float inputs and targets. Every call while tracking is one sample; the prompt frames are tracked too.
+The unit is then trained by the generic loop (``recon_loop.reconstruct_unit``) and hardened. With
+``state_dir`` the predictor is saved after every unit and an interrupted run resumes after the last one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ahcq.quantization import api
+from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
+from ahcq.solver.recon_capture import module_device, to_device
+from ahcq.solver.recon_loop import ReconSettings, UnitReport, reconstruct_unit
+from ahcq.solver.recon_state import load_state, save_state
+from ahcq.solver.recon_units import Inputs, ReconUnit, adaround_quantizers
+from ahcq.solver.seeding import seed_everything
+from ahcq.video.calibration import CalibrationClip, detached, track_clip
+from ahcq.video.propagation import DEFAULT_TRACKING, TrackOptions
+
+__all__ = ["VideoUnit", "reconstruct_video", "record_calls", "sam2_units"]
+
+Record = tuple[Inputs, Any]
+
+
+@dataclass
+class VideoUnit:
+    """A reconstruction unit and the predictor submodule whose calls are its samples (``hooked``; the unit's
+    module wraps it when only part of its output is compared)."""
+
+    unit: ReconUnit
+    hooked: nn.Module
+
+
+class _NeckLevels(nn.Module):
+    """The FPN neck's feature maps as a tuple (its positional encodings carry no quantizer)."""
+
+    def __init__(self, neck: nn.Module) -> None:
+        super().__init__()
+        self.neck = neck
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(self.neck(*args, **kwargs)[0])
+
+
+def _has_quantizers(module: nn.Module) -> bool:
+    return next(api.iter_quantizers(module), None) is not None
+
+
+def _plain(name: str, module: nn.Module, feature_axis: int = -1) -> VideoUnit:
+    return VideoUnit(ReconUnit(name, module, feature_axis=feature_axis), module)
+
+
+def _parts(prefix: str, parent: nn.Module, parts: Sequence[str], feature_axis: int = -1) -> list[VideoUnit]:
+    return [_plain(f"{prefix}.{p}", getattr(parent, p), feature_axis) for p in parts
+            if isinstance(getattr(parent, p, None), nn.Module)]
+
+
+def _layer_outputs(module: nn.Module) -> tuple[int, ...] | None:
+    return (0, 1) if module.__class__.__name__ == "TwoWayAttentionBlock" else None
+
+
+def sam2_units(predictor: nn.Module, whole_layers: bool = False) -> list[VideoUnit]:
+    """The reconstruction units of a quantized SAM2 predictor in the reference's order (those holding a
+    quantizer); ``whole_layers`` takes whole Hiera blocks, memory-attention and two-way layers."""
+    units: list[VideoUnit] = []
+    trunk = predictor.image_encoder.trunk
+    for i, block in enumerate(trunk.blocks):
+        name = f"image_encoder.trunk.blocks.{i}"
+        units += [_plain(name, block)] if whole_layers else _parts(name, block, ("attn", "mlp", "proj"))
+    neck = predictor.image_encoder.neck
+    levels = len(neck.convs)
+    units.append(VideoUnit(ReconUnit("image_encoder.neck", _NeckLevels(neck), output=tuple(range(levels)),
+                                     feature_axis=1), neck))
+    for i, layer in enumerate(predictor.memory_attention.layers):
+        name = f"memory_attention.layers.{i}"
+        parts = ("self_attn", "cross_attn_image", "linear1", "linear2")
+        units += [_plain(name, layer)] if whole_layers else _parts(name, layer, parts)
+    encoder = predictor.memory_encoder
+    units += _parts("memory_encoder", encoder, ("mask_downsampler", "pix_feat_proj"), feature_axis=1)
+    units += [_plain(f"memory_encoder.fuser.layers.{i}", block, 1)
+              for i, block in enumerate(encoder.fuser.layers)]
+    units += _parts("memory_encoder", encoder, ("out_proj",), feature_axis=1)
+    transformer = predictor.sam_mask_decoder.transformer
+    for i, layer in enumerate(transformer.layers):
+        name = f"sam_mask_decoder.transformer.layers.{i}"
+        if whole_layers:
+            units.append(VideoUnit(ReconUnit(name, layer, output=_layer_outputs(layer)), layer))
+        else:
+            parts = ("self_attn", "cross_attn_token_to_image", "mlp", "cross_attn_image_to_token")
+            units += _parts(name, layer, parts)
+    units.append(_plain("sam_mask_decoder.transformer.final_attn_token_to_image",
+                        transformer.final_attn_token_to_image))
+    return [u for u in units if _has_quantizers(u.unit.module)]
+
+
+@contextmanager
+def _rounded_to_nearest(quantizers: Sequence[AdaRoundQuantizer]) -> Iterator[None]:
+    """Not-yet-reconstructed AdaRound weights evaluate as round-to-nearest (their initial hard bits) while
+    the quantized chain runs, as the reference's uninitialised AdaRound does; they stay soft afterwards."""
+    soft = [q for q in quantizers if not q.is_hard]
+    for q in soft:
+        q.hard.fill_(True)
+        q.clear_cache()
+    try:
+        yield
+    finally:
+        for q in soft:
+            q.hard.fill_(False)
+            q.clear_cache()
+
+
+def record_calls(predictor: nn.Module, hooked: nn.Module, clips: Sequence[CalibrationClip],
+                 options: TrackOptions, outputs: bool) -> list[Record]:
+    """``((args, kwargs), output)`` of every call of ``hooked`` while tracking the clips in the predictor's
+    current state (outputs only when asked)."""
+    calls: list[Record] = []
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        calls.append(((detached(args), detached(kwargs)), detached(output) if outputs else None))
+
+    handle = hooked.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for clip in clips:
+            track_clip(predictor, clip, options)
+    finally:
+        handle.remove()
+    return calls
+
+
+def _samples(predictor: nn.Module, video_unit: VideoUnit, clips: Sequence[CalibrationClip],
+             options: TrackOptions) -> tuple[list[Inputs], list[Inputs], list[list[torch.Tensor]]]:
+    """Quantized inputs, float inputs and float targets of every call of the unit."""
+    unit = video_unit.unit
+    adarounds = [q for _, q in api.iter_quantizers(predictor) if isinstance(q, AdaRoundQuantizer)]
+    with _rounded_to_nearest(adarounds):
+        quant = record_calls(predictor, video_unit.hooked, clips, options, outputs=False)
+    with api.quantization_disabled(predictor):
+        floats = record_calls(predictor, video_unit.hooked, clips, options, outputs=True)
+    if len(quant) != len(floats) or not quant:
+        raise RuntimeError(f"unit {unit.name!r}: ran {len(floats)} times while tracking in float but "
+                           f"{len(quant)} times quantized; reconstruction needs the same calls in both")
+    return [q for q, _ in quant], [f for f, _ in floats], _targets(video_unit, floats)
+
+
+def _targets(video_unit: VideoUnit, floats: list[Record]) -> list[list[torch.Tensor]]:
+    unit = video_unit.unit
+    if unit.module is video_unit.hooked:
+        return [unit.select(out) for _, out in floats]
+    return [unit.select(tuple(out[0])) for _, out in floats]
+
+
+def _batcher(qin: list[Inputs], fin: list[Inputs], targets: list[list[torch.Tensor]], device: torch.device,
+             batch_size: int, name: str) -> Callable[[torch.Generator], tuple]:
+    if batch_size != 1:
+        raise ValueError(f"unit {name!r}: SAM2 reconstruction takes one recorded call per step (calls differ "
+                         f"in shape); recon.batch_size must be 1, not {batch_size}")
+
+    def batch(generator: torch.Generator) -> tuple:
+        i = int(torch.randint(len(qin), (), generator=generator))
+        return [(i, 0)], to_device(qin[i], device), to_device(fin[i], device), to_device(targets[i], device)
+    return batch
+
+
+def _release_inference_tensors(module: nn.Module) -> None:
+    """Replace plain tensor attributes created under ``inference_mode`` by normal copies.
+
+    Tracking runs under ``inference_mode``; a module that caches a tensor there (sam2's RoPE attention
+    recomputes its frequencies for a new feature size) would otherwise make reconstruction's backward fail.
+    """
+    for m in module.modules():
+        for key, value in list(vars(m).items()):
+            if isinstance(value, torch.Tensor) and value.is_inference():
+                setattr(m, key, value.clone())
+
+
+def reconstruct_video(predictor: nn.Module, settings: ReconSettings, clips: Sequence[CalibrationClip],
+                      options: TrackOptions = DEFAULT_TRACKING, *, whole_layers: bool = False,
+                      state_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Reconstruct the calibrated ``predictor`` unit by unit (see the module docstring); a JSON-able report
+    with the unit reports and where the run resumed."""
+    if not settings.act_quant:
+        raise ValueError("recon.act_quant false is not defined for SAM2 reconstruction")
+    video_units = sam2_units(predictor, whole_layers)
+    names = [v.unit.label for v in video_units]
+    seed_everything(settings.seed)
+    resumed = 0
+    if state_dir is not None:
+        resumed = load_state(state_dir, predictor, names, settings) or 0
+    api.set_mode(predictor, Mode.QUANTIZE)
+    inside = {id(q) for v in video_units for q in adaround_quantizers(v.unit)}
+    for _, q in api.iter_quantizers(predictor):
+        if isinstance(q, AdaRoundQuantizer) and id(q) not in inside and not q.is_hard:
+            q.harden()  # never trained: round to nearest before it feeds the first unit
+    reports: list[UnitReport] = []
+    for k in tqdm(range(resumed, len(video_units)), desc="reconstruction", disable=not progress,
+                  initial=resumed, total=len(video_units)):
+        video_unit = video_units[k]
+        unit = video_unit.unit
+        qin, fin, targets = _samples(predictor, video_unit, clips, options)
+        _release_inference_tensors(unit.module)
+        batch = _batcher(qin, fin, targets, module_device(unit.module), settings.batch_size, unit.name)
+        reports.append(reconstruct_unit(unit, k, settings, batch, progress=progress))
+        if state_dir is not None:
+            save_state(state_dir, predictor, k + 1, names, settings)
+    api.assert_fully_quantized(predictor)
+    return {"granularity": "layers" if whole_layers else "blocks", "unit_names": names,
+            "units": [r.record() for r in reports], "resumed_at": resumed}
