@@ -42,6 +42,7 @@ __all__ = [
     "ReconConfig",
     "load_qconfig",
     "parse_qconfig",
+    "schema_keys",
 ]
 
 QUANTIZERS = ("lsq", "fixed", "adaround", "hluq", "lnq", "agq", "cag")
@@ -632,6 +633,9 @@ def _build(data: Any, ctx: _Ctx) -> QConfig:
             if split not in values:
                 raise ctx.error(role, f"missing; give {role} (or SAQ-SAM's {split}/decoder_* pair)")
             values[role] = values[split]
+        elif split in values and values[split] != values[role]:
+            raise ctx.error(split, f"differs from {role}; the encoder takes the default recipe, so give one "
+                                   f"of the two")
     if isinstance(values.get("calibrate"), tuple):
         values["calibrate"], values["calibrate_frames"] = values["calibrate"]
     values["source"] = ctx.default_file
@@ -647,6 +651,9 @@ def _resolve(cfg: QConfig, ctx: _Ctx) -> QConfig:
     if cfg.cag.groups is not None and cfg.cag.groups != cfg.ahcptq.group and cfg.ahcptq.cag:
         raise ctx.error("cag.groups", f"{cfg.cag.groups} contradicts ahcptq.group = {cfg.ahcptq.group}")
     threshold = cfg.pcc.threshold if cfg.pcc.threshold is not None else cfg.ptq4sam.threshold
+    if cfg.par.enabled and cfg.recon.enabled and cfg.recon.units != "stages":
+        raise ctx.error("par.enabled", f"prompt-aware reconstruction compares whole stages; it needs "
+                                       f"recon.units: stages, not {cfg.recon.units!r}")
     levels = 2 ** cfg.a_qconfig.bit
     for g in cfg.hluq.level_splits if cfg.ahcptq.hluq else ():
         n_log = g * levels
@@ -658,6 +665,21 @@ def _resolve(cfg: QConfig, ctx: _Ctx) -> QConfig:
         cag=dataclasses.replace(cfg.cag, groups=groups),
         pcc=dataclasses.replace(cfg.pcc, threshold=threshold),
     )
+
+
+def schema_keys() -> list[str]:
+    """Every YAML key of the schema, dotted (``recon.early_stop.patience``), in declaration order; the
+    reference-only keys that ``dialects`` translates are not included."""
+    def walk(cls: type, prefix: str) -> list[str]:
+        keys = []
+        for f in dataclasses.fields(cls):
+            if not f.metadata:
+                continue
+            key = f"{prefix}{f.metadata.get('key') or f.name}"
+            keys += walk(f.metadata["section"], f"{key}.") if "section" in f.metadata else [key]
+        return keys
+    spec = [f"{name}.{key}" for name in _SPEC_FIELDS for key in _yaml_keys(QSpecConfig)]
+    return [*spec, *walk(QConfig, ""), "overrides"]
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -47,7 +47,7 @@ from ahcq.quantization.config import ACNRConfig, QConfig
 from ahcq.quantization.layers import QuantConv2d, QuantLinear
 from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode
 from ahcq.quantization.quantizers.weight_groups import group_weight_grid
-from ahcq.quantization.transforms import apply_acnr_, fold_sign, is_bimodal
+from ahcq.quantization.transforms import apply_acnr_, fold_sign, kde_peaks
 
 __all__ = [
     "BIG_IMAGES", "CalibrationReport", "apply_big", "calibrate", "condition_linears", "group_weights",
@@ -66,7 +66,7 @@ class CalibrationReport:
     groups per layer."""
 
     images: int = 0
-    big: dict[str, bool] = field(default_factory=dict)
+    big: dict[str, dict[str, Any]] = field(default_factory=dict)
     acnr: dict[str, dict[str, float | bool]] = field(default_factory=dict)
     passes: int = 0
     weight_groups: dict[str, int] = field(default_factory=dict)
@@ -110,7 +110,8 @@ def apply_big(
     sam: nn.Module, samples: Sequence[Any], forward: Forward, qconfig: QConfig,
     sites: Sequence[tuple[str, nn.Module]] | None = None,
 ) -> dict[str, bool]:
-    """Fold BIG signs where the key activations are bimodal; ``{attention: folded}``.
+    """Fold BIG signs where the key activations are bimodal; ``{attention: {folded, peaks, values}}`` (where
+    the density peaks are and the number of key values the test saw).
 
     ``sites`` are the ``(name, attention)`` pairs to test, each with ``q_proj``/``k_proj`` Linears
     (default: SAM's ``big_sites``; SAM2 passes its own). Keys are pooled over ``samples[:BIG_IMAGES]``
@@ -128,17 +129,19 @@ def apply_big(
         for hook in hooks:
             hook.remove()
     p = qconfig.ptq4sam
-    folded = {}
+    report = {}
     for name, attn in sites:
         site = stats[name]
         if site.sum is None:
             raise RuntimeError(f"BIG: attention {name} saw no boxes in the calibration images")
-        folded[name] = is_bimodal(site.sample, p.global_num, p.peak_distance, p.peak_height,
-                                  seed=qconfig.seed)
-        if folded[name]:
+        peaks = kde_peaks(site.sample, p.global_num, p.peak_distance, p.peak_height, seed=qconfig.seed)
+        folded = len(peaks) == 2
+        if folded:
             fold_sign(attn.q_proj, attn.k_proj, (site.sum / site.rows)[None])
-        logger.info("BIG %s: %s", name, "bimodal, sign folded" if folded[name] else "unimodal, unchanged")
-    return folded
+        report[name] = {"folded": folded, "peaks": [round(float(x), 4) for x in peaks],
+                        "values": sum(len(s) for s in site.sample)}
+        logger.info("BIG %s: %s", name, "bimodal, sign folded" if folded else "unimodal, unchanged")
+    return report
 
 
 def _moment_factor(moment: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ from ahcq.solver.results import format_table, write_results
 from ahcq.solver.seeding import calibration_indices, seed_everything
 from projects.instance_segment_anything.sam_runner import decode_boxes
 
-__all__ = ["CalibSample", "RunOptions", "UserError", "run"]
+__all__ = ["CalibSample", "RunOptions", "UserError", "calibration_choice", "pcc_step", "reconstruct_step",
+           "run"]
 
 logger = logging.getLogger(__name__)
 TINY_SAM_HINT = "make it with: python tools/make_demo_data.py && python tools/train_tiny_sam.py --out {ckpt}"
@@ -141,12 +142,26 @@ def _build_model(cfg: mmcv.Config, config_path: Path, device: torch.device) -> A
     return model.to(device).eval()
 
 
-def _reconstruct(sam: Any, samples: Sequence[CalibSample], qconfig: QConfig, forward: Any,
-                 device: torch.device, state_dir: Path) -> dict[str, Any]:
-    """Block reconstruction; its per-unit state under ``state_dir`` lets an interrupted run resume."""
+def calibration_choice(qconfig: QConfig, population: int, calib_images: int | None = None) -> list[int]:
+    """Indices of the calibration images: ``calib_images`` (else ``calibrate``) of ``population``, drawn
+    with the config's seed."""
+    n = min(calib_images or qconfig.calibrate, population)
+    return calibration_indices(qconfig.seed, population, n) if n else []
+
+
+def pcc_step(sam: Any, samples: Sequence[CalibSample], qconfig: QConfig,
+             device: torch.device) -> dict[str, Any]:
+    """SAQ-SAM's clipping search when ``pcc.enabled``; its report (empty when off)."""
+    return apply_pcc(sam, samples, qconfig, device) if qconfig.pcc.enabled else {}
+
+
+def reconstruct_step(sam: Any, samples: Sequence[CalibSample], qconfig: QConfig, device: torch.device,
+                     state_dir: Path | None = None, max_boxes: int | None = None) -> dict[str, Any]:
+    """Block reconstruction when ``recon.enabled``; its per-unit state under ``state_dir`` lets an
+    interrupted run resume, ``max_boxes`` caps the boxes per image."""
     if not qconfig.recon.enabled:
         return {"requested": False, "ran": False}
-    report = reconstruct_sam(sam, samples, qconfig, forward=forward, device=device, state_dir=state_dir)
+    report = reconstruct_sam(sam, samples, qconfig, device=device, state_dir=state_dir, max_boxes=max_boxes)
     return {"requested": True, "ran": True, "report": report}
 
 
@@ -186,8 +201,8 @@ def _quantize(model: Any, cache: FeatureCache, calib_keys: Sequence[str], qconfi
     quantize_sam(sam, qconfig, quant_encoder=opts.quant_encoder)
     forward = functools.partial(sam_forward, sam, box_chunk=model.box_chunk, max_boxes=opts.calib_max_boxes)
     report = calibrate(sam, samples, forward, qconfig)
-    pcc = apply_pcc(sam, samples, qconfig, device) if qconfig.pcc.enabled else {}
-    recon = _reconstruct(sam, samples, qconfig, forward, device, opts.out / "recon_state")
+    pcc = pcc_step(sam, samples, qconfig, device)
+    recon = reconstruct_step(sam, samples, qconfig, device, opts.out / "recon_state", opts.calib_max_boxes)
     switch_to_evaluation(sam)
     return {**dataclasses.asdict(report), "pcc": pcc, "reconstruction": recon,
             "quantizers": sum(1 for _ in iter_quantizers(sam))}
@@ -211,8 +226,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
     if not opts.fp_only and len(calib_set) == 0:
         split = "calib" if "calib" in cfg.data else "train"
         raise UserError(f"data.{split} has no image with annotations to calibrate on")
-    n_calib = min(opts.calib_images or qconfig.calibrate, len(calib_set))
-    calib_indices = calibration_indices(qconfig.seed, len(calib_set), n_calib) if n_calib else []
+    calib_indices = calibration_choice(qconfig, len(calib_set), opts.calib_images)
     timer.stage("build")
 
     config_blob = json.dumps(dict(cfg.items()), sort_keys=True, default=str)

@@ -47,8 +47,8 @@ from ahcq.solver.recon_units import Inputs, ReconUnit
 from ahcq.solver.reconstruction import ReconSettings, reconstruct
 from ahcq.solver.seeding import stream
 
-__all__ = ["BLOCKS_MAX_BOXES", "FINAL_ITERS_FACTOR", "SamChain", "prepare_samples", "reconstruct_sam",
-           "sam_chain"]
+__all__ = ["BLOCKS_MAX_BOXES", "FINAL_ITERS_FACTOR", "SamChain", "box_cap", "prepare_samples",
+           "reconstruct_sam", "sam_chain"]
 
 BLOCKS_MAX_BOXES = 32
 FINAL_ITERS_FACTOR = 5
@@ -159,6 +159,13 @@ def sam_chain(sam: Sam, qconfig: QConfig, par: bool | None = None) -> SamChain:
     return SamChain(sam, encoder, decoder, par)
 
 
+def box_cap(qconfig: QConfig, par: bool, max_boxes: int | None = None) -> int:
+    """Boxes per calibration image that reconstruction uses: ``par.max_prompts`` with PAR (SAQ-SAM's 16),
+    else ``BLOCKS_MAX_BOXES``; ``max_boxes`` (the run's ``--calib-max-boxes``) caps it further."""
+    cap = qconfig.par.max_prompts if par else BLOCKS_MAX_BOXES
+    return cap if max_boxes is None else min(cap, max_boxes)
+
+
 def _boxes(sample: Any) -> torch.Tensor:
     return sample.cached.sample.prompts.boxes
 
@@ -196,7 +203,6 @@ def reconstruct_sam(
     samples: Sequence[Any],
     qconfig: QConfig,
     *,
-    forward: Callable[[Any], Any] | None = None,
     device: torch.device | str | None = None,
     max_boxes: int | None = None,
     state_dir: str | Path | None = None,
@@ -206,14 +212,13 @@ def reconstruct_sam(
 ) -> dict[str, Any]:
     """Reconstruct the calibrated ``sam`` on ``samples`` (``pipeline.CalibSample``); a JSON-able report.
 
-    ``forward`` (the pipeline's chunked forward) is not needed: see the module docstring. ``max_boxes``
-    defaults to ``par.max_prompts`` with PAR, else ``BLOCKS_MAX_BOXES``. ``state_dir`` makes the run
-    resumable. On return every quantizer is calibrated, in QUANTIZE mode and every AdaRound is hard.
+    ``max_boxes`` caps the boxes per image further (``box_cap``). ``state_dir`` makes the run resumable.
+    On return every quantizer is calibrated, in QUANTIZE mode and every AdaRound is hard.
     """
     start = time.perf_counter()
     device = torch.device(device) if device is not None else sam.device
     chain, p = sam_chain(sam, qconfig), qconfig.par
-    cap = max_boxes or (qconfig.par.max_prompts if chain.par else BLOCKS_MAX_BOXES)
+    cap = box_cap(qconfig, chain.par, max_boxes)
     prepared, kept = prepare_samples(sam, samples, cap, qconfig.seed, device, use_embedding=not chain.encoder)
     settings = ReconSettings.from_qconfig(qconfig)
     result = reconstruct(sam, chain.units, prepared, settings, chain, max_cache_gb=max_cache_gb,

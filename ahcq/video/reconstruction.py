@@ -37,7 +37,7 @@ from ahcq.solver.seeding import seed_everything
 from ahcq.video.calibration import CalibrationClip, detached, track_clip
 from ahcq.video.propagation import DEFAULT_TRACKING, TrackOptions
 
-__all__ = ["VideoUnit", "reconstruct_video", "record_calls", "sam2_units"]
+__all__ = ["VideoUnit", "reconstruct_video", "record_calls", "sam2_units", "unit_samples"]
 
 Record = tuple[Inputs, Any]
 
@@ -147,7 +147,7 @@ def record_calls(predictor: nn.Module, hooked: nn.Module, clips: Sequence[Calibr
     return calls
 
 
-def _samples(predictor: nn.Module, video_unit: VideoUnit, clips: Sequence[CalibrationClip],
+def unit_samples(predictor: nn.Module, video_unit: VideoUnit, clips: Sequence[CalibrationClip],
              options: TrackOptions) -> tuple[list[Inputs], list[Inputs], list[list[torch.Tensor]]]:
     """Quantized inputs, float inputs and float targets of every call of the unit."""
     unit = video_unit.unit
@@ -216,7 +216,7 @@ def reconstruct_video(predictor: nn.Module, settings: ReconSettings, clips: Sequ
                   initial=resumed, total=len(video_units)):
         video_unit = video_units[k]
         unit = video_unit.unit
-        qin, fin, targets = _samples(predictor, video_unit, clips, options)
+        qin, fin, targets = unit_samples(predictor, video_unit, clips, options)
         _release_inference_tensors(unit.module)
         batch = _batcher(qin, fin, targets, module_device(unit.module), settings.batch_size, unit.name)
         reports.append(reconstruct_unit(unit, k, settings, batch, progress=progress))

@@ -79,7 +79,7 @@ def test_big_folds_bimodal_keys_without_changing_the_attention_output():
     k_weight = attn.k_proj.weight.detach().clone()
     forward = lambda s: sam_forward(sam, s, box_chunk=2, max_boxes=4)  # noqa: E731
     folded = apply_big(sam, samples, forward, qconfig)
-    assert folded[name] is True
+    assert folded[name]["folded"] is True and len(folded[name]["peaks"]) == 2
     assert torch.equal(attn.k_proj.bias.detach(), 4.0 * torch.ones_like(signs))
     assert torch.equal(attn.k_proj.weight.detach(), k_weight * signs[:, None])
     with api.quantization_disabled(sam):

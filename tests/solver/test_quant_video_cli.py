@@ -107,8 +107,9 @@ def test_w4a4_run_writes_complete_results(setup, fp_results, quant_results, caps
     # the AHCQ-SAM SAM2 code's units, in its order: Hiera attention / MLP / stage projection, the FPN neck,
     # memory-attention parts, memory-encoder parts, decoder sub-blocks and the final attention
     hiera = [n for n in names if n.startswith("image_encoder.trunk.blocks.")]
-    assert len(hiera) == 12 * 2 + 3 and hiera[:3] == [f"image_encoder.trunk.blocks.0.{p}" for p in
-                                                       ("attn", "mlp")] + ["image_encoder.trunk.blocks.1.attn"]
+    first = ["image_encoder.trunk.blocks.0.attn", "image_encoder.trunk.blocks.0.mlp",
+             "image_encoder.trunk.blocks.1.attn"]
+    assert len(hiera) == 12 * 2 + 3 and hiera[:3] == first
     assert names[len(hiera)] == "image_encoder.neck"
     assert names[len(hiera) + 1:len(hiera) + 5] == [f"memory_attention.layers.0.{p}" for p in
                                                     ("self_attn", "cross_attn_image", "linear1", "linear2")]

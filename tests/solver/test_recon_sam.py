@@ -89,11 +89,13 @@ def upstream_transformer_output(sam, sample: CalibSample, embedding=None):
     return seen[0]
 
 
-@pytest.mark.parametrize("units", ["blocks", "stages"])
-def test_unit_chain_equals_upstream_sam_in_float(units):
+@pytest.mark.parametrize(("preset", "units"), [("qdrop", "blocks"), ("saqsam", "stages"),
+                                               ("ahcqsam", "layers")])
+def test_unit_chain_equals_upstream_sam_in_float(preset, units):
     reference = tiny_sam()
-    sam, samples = calibrated(qconfig("saqsam", units=units), calibrate_it=False)  # quantizers built, OFF
-    chain = sam_chain(sam, qconfig("saqsam", units=units))
+    cfg = qconfig(preset, units=units)
+    sam, samples = calibrated(cfg, calibrate_it=False)  # quantizers built, OFF
+    chain = sam_chain(sam, cfg)
     prepared, _ = prepare_samples(sam, samples, 32, 0, torch.device("cpu"), use_embedding=False)
     for p, sample in zip(prepared, samples):
         with torch.no_grad():
@@ -169,7 +171,7 @@ def test_reconstruction_lowers_the_output_error_of_calibration_only(cache_dtype)
 def test_evaluation_refuses_a_dropping_quantizer_or_soft_rounding():
     cfg = qconfig("qdrop", iters=3)
     sam, samples = calibrated(cfg)
-    reconstruct_sam(sam, samples, cfg, forward=pipeline_forward(sam), device="cpu", progress=False)
+    reconstruct_sam(sam, samples, cfg, device="cpu", progress=False)
     assert_fully_quantized(sam)  # what the pipeline asserts before evaluating
     drop = copy.deepcopy(sam)
     drop.image_encoder.blocks[2].mlp.lin1.input_quantizer.set_mode(Mode.DROP, drop_p=0.5)
@@ -256,7 +258,7 @@ def test_with_a_float_encoder_only_the_decoder_is_reconstructed_on_the_given_emb
         decode_boxes(sam, sample.embedding, image, sample.cached.sample.prompts.boxes, 2)
 
     calibrate(sam, samples, forward, cfg)
-    report = reconstruct_sam(sam, samples, cfg, forward=forward, device="cpu", progress=False)
+    report = reconstruct_sam(sam, samples, cfg, device="cpu", progress=False)
     assert len(report["units"]) == 4 * 2 + 1
     assert all(u["name"].startswith("mask_decoder.transformer.") for u in report["units"])
     assert_fully_quantized(sam)
