@@ -303,5 +303,5 @@ def test_second_run_reuses_cached_prompts(shapes):
 
 def test_reconstruction_is_skipped_only_when_disabled():
     disabled = parse_qconfig({"a_qconfig": {"bit": 8}, "w_qconfig": {"bit": 8}, "recon": {"enabled": False}})
-    assert pipeline._reconstruct(None, [], disabled, None, torch.device("cpu"), Path("unused")) == {
+    assert pipeline.reconstruct_step(None, [], disabled, torch.device("cpu"), Path("unused")) == {
         "requested": False, "ran": False}
