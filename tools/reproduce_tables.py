@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ahcq.quantization.config import ConfigError
 from ahcq.tables.grid import Cell, Spec, SpecError, load_spec, plan_tables
-from ahcq.tables.render import FAILED, cell_value, render_plan, render_registers
+from ahcq.tables.render import cell_value, render_plan, render_registers
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SPEC = REPO / "exp" / "tables" / "demo.yaml"
@@ -125,12 +125,8 @@ def _write(path: Path, text: str) -> None:
 
 def _render(spec: Spec, only: list[str] | None, root: Path, failed: dict[str, str]) -> dict[str, str]:
     plans, cells = plan_tables(spec, only)
-    entries = {k: FAILED for k in failed}
-    for key, cell in cells.items():
-        value = cell_value(cell, root, spec.metric)
-        if value is not None:
-            entries[key] = f"{value:.1f}"
-    out = {p.name: render_plan(p, entries) for p in plans}
+    values = {key: v for key, cell in cells.items() if (v := cell_value(cell, root, spec.metric)) is not None}
+    out = {p.name: render_plan(p, values, set(failed)) for p in plans}
     for t in spec.tables:
         if t.kind == "registers" and (not only or t.name in only):
             out[t.name] = render_registers(t, bool(spec.run.get("quant_encoder")))

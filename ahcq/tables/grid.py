@@ -3,7 +3,8 @@
 A cell's folder is named by a hash of everything its result depends on (model config, config overrides,
 run options and, for a quantized cell, the *resolved* quantization config), so any change to a preset or
 overlay gives a new cell while an unchanged one is found again and not rerun. The float baseline depends
-on the model and run options only, so every table shares one FP cell per (model, prompt source).
+on the model and run options only (not on the seed), so every table shares one FP cell per (model, prompt
+source). ``run.seeds: [s, ...]`` makes every quantized entry one cell per seed, shown as mean ± std.
 Each quantized cell's ``q_config.yaml`` is its method preset (``base:``) plus the spec's overlays, loaded
 by the project's own config loader, so an overlay means exactly what it would mean in a hand-written YAML.
 """
@@ -25,7 +26,8 @@ __all__ = ["Cell", "ModelSpec", "Plan", "Ref", "Spec", "SpecError", "TableSpec",
 REPO = Path(__file__).resolve().parents[2]
 FP_PRESET = ("minmax", 4)
 KINDS = ("methods", "variants", "grid", "registers")
-RUN_KEYS = {"quant_encoder": bool, "seed": int, "limit": int, "calib_images": int, "calib_max_boxes": int}
+RUN_KEYS = {"quant_encoder": bool, "seed": int, "seeds": list, "limit": int, "calib_images": int,
+            "calib_max_boxes": int}
 
 
 class SpecError(ValueError):
@@ -110,9 +112,9 @@ class Cell:
 
 @dataclass(frozen=True)
 class Ref:
-    """A table entry filled with the cell's metric once it has run."""
+    """A table entry filled with its cells' metric once they have run: one cell, or one per seed."""
 
-    key: str
+    keys: tuple[str, ...]
 
 
 @dataclass
@@ -137,19 +139,26 @@ class _Cells:
         self.cells: dict[str, Cell] = {}
         self.stamps: dict[str, tuple[str, int, int] | None] = {}
 
-    def _model_payload(self, model: ModelSpec) -> dict[str, Any]:
+    def _model_payload(self, model: ModelSpec, run: dict[str, Any]) -> dict[str, Any]:
         config = model.config
         shown = config.relative_to(REPO) if config.is_relative_to(REPO) else config
         if model.name not in self.stamps:
             self.stamps[model.name] = _checkpoint_stamp(model)
-        return {"config": str(shown), "cfg_options": model.cfg_options, "run": self.spec.run,
+        return {"config": str(shown), "cfg_options": model.cfg_options, "run": run,
                 "checkpoint": self.stamps[model.name]}
 
+    def _runs(self) -> list[dict[str, Any]]:
+        """The run options of each seed of a quantized entry."""
+        run = {k: v for k, v in self.spec.run.items() if k != "seeds"}
+        seeds = self.spec.run.get("seeds")
+        return [run] if not seeds else [{**run, "seed": s} for s in seeds]
+
     def fp(self, model: ModelSpec) -> Ref:
-        key = _digest({"kind": "fp", **self._model_payload(model)})
+        run = {k: v for k, v in self.spec.run.items() if k not in ("seed", "seeds")}
+        key = _digest({"kind": "fp", **self._model_payload(model, run)})
         text = f"base: {self.spec.preset(*FP_PRESET).resolve()}\n"
-        self.cells.setdefault(key, Cell(key, "fp", model, "fp", text, self.spec.run))
-        return Ref(key)
+        self.cells.setdefault(key, Cell(key, "fp", model, "fp", text, run))
+        return Ref((key,))
 
     def quant(self, model: ModelSpec, method: str, bits: int, overlays: list[dict[str, Any]],
               tag: str = "") -> Ref:
@@ -159,10 +168,14 @@ class _Cells:
         if overlay:
             text += yaml.safe_dump(overlay, sort_keys=True)
         resolved = _resolve(text, f"{method} W{bits}A{bits} {tag}".strip())
-        key = _digest({"kind": "quant", **self._model_payload(model), "qconfig": resolved})
-        slug = f"{method}_w{bits}a{bits}" + (f"_{tag}" if tag else "")
-        self.cells.setdefault(key, Cell(key, "quant", model, slug, text, self.spec.run))
-        return Ref(key)
+        keys = []
+        for run in self._runs():
+            key = _digest({"kind": "quant", **self._model_payload(model, run), "qconfig": resolved})
+            slug = f"{method}_w{bits}a{bits}" + (f"_{tag}" if tag else "")
+            slug += f"_s{run['seed']}" if "seeds" in self.spec.run else ""
+            self.cells.setdefault(key, Cell(key, "quant", model, slug, text, run))
+            keys.append(key)
+        return Ref(tuple(keys))
 
 
 def _checkpoint_stamp(model: ModelSpec) -> tuple[str, int, int] | None:
@@ -342,6 +355,12 @@ def _run(r: _Reader, data: Any) -> dict[str, Any]:
     for key, value in data.items():
         if value is not None and not _is(value, RUN_KEYS[key]):
             raise r.fail(f"run.{key}", f"null or {RUN_KEYS[key].__name__}", value)
+    seeds = data.get("seeds")
+    if seeds is not None:
+        if not seeds or not all(_is(s, int) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+            raise r.fail("run.seeds", "a list of distinct integers >= 0", seeds)
+        if "seed" in data:
+            raise r.fail("run.seed", "absent when run.seeds is given", data["seed"])
     return {"quant_encoder": True, **data}
 
 

@@ -2,18 +2,20 @@
 register-count table computed from the model structure.
 
 A run entry shows the cell's metric (COCO AP x 100, one decimal), ``-`` when the cell has not run and
-``fail`` when it failed in this invocation, so a partial grid still renders.
+``fail`` when it failed in this invocation, so a partial grid still renders. An entry with one cell per
+seed shows ``mean ± std`` (sample standard deviation) over its seeds, with ``(n/N)`` while some are missing.
 """
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 from ahcq.tables.grid import Cell, Plan, Ref, SpecError, TableSpec
 from ahcq.tables.registers import Granularity, build_meta_sam, cag_sites, count_registers
 
-__all__ = ["cell_value", "markdown", "render_plan", "render_registers"]
+__all__ = ["cell_value", "entry_text", "markdown", "render_plan", "render_registers"]
 
 PENDING = "-"
 FAILED = "fail"
@@ -41,9 +43,20 @@ def _caption(title: str, caption: str) -> str:
     return f"### {title}\n\n{caption}\n\n" if caption else f"### {title}\n\n"
 
 
-def render_plan(plan: Plan, entries: dict[str, str]) -> str:
-    """The plan as markdown; ``entries`` maps cell keys to their shown text."""
-    rows = [[entries.get(e.key, PENDING) if isinstance(e, Ref) else e for e in row] for row in plan.rows]
+def entry_text(ref: Ref, values: dict[str, float], failed: set[str]) -> str:
+    """One table entry from its cells' ``values`` (cell key -> metric) and the cells that ``failed``."""
+    got = [values[k] for k in ref.keys if k in values]
+    if not got:
+        return FAILED if any(k in failed for k in ref.keys) else PENDING
+    if len(ref.keys) == 1:
+        return f"{got[0]:.1f}"
+    text = f"{statistics.fmean(got):.1f}" + (f" ± {statistics.stdev(got):.1f}" if len(got) > 1 else "")
+    return text if len(got) == len(ref.keys) else f"{text} ({len(got)}/{len(ref.keys)})"
+
+
+def render_plan(plan: Plan, values: dict[str, float], failed: set[str] = frozenset()) -> str:
+    """The plan as markdown; ``values`` maps cell keys to their metric, ``failed`` names failed cells."""
+    rows = [[entry_text(e, values, failed) if isinstance(e, Ref) else e for e in row] for row in plan.rows]
     return _caption(plan.name, plan.caption) + markdown(plan.header, rows) + "\n"
 
 

@@ -258,3 +258,33 @@ def test_register_counts_match_hand_counts(tmp_path):
 def test_shipped_specs_plan(name, cells, tables):
     plans, planned = plan_tables(load_spec(REPO / "exp" / "tables" / f"{name}.yaml"))
     assert len(planned) == cells and len(plans) == tables
+
+
+def test_seeds_give_one_cell_each_and_render_mean_and_std(demo_env, tmp_path):
+    data = json.loads(json.dumps(demo_env["data"]))
+    data["run"] = {k: v for k, v in data["run"].items() if k != "seed"} | {"seeds": [0, 1, 2]}
+    data["tables"] = [{"name": "coco", "kind": "methods", "methods": ["minmax"], "bits": [4], "fp_row": True}]
+    spec = tmp_path / "seeds.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert tool.main(["--spec", str(spec), "--out", str(out), "--threads", "1"]) == 0
+    cells = {p.parent.name.rsplit("-", 1)[0]: json.loads(p.read_text())
+             for p in (out / "cells" / "tiny").glob("*/results.json")}
+    assert set(cells) == {"fp", "minmax_w4a4_s0", "minmax_w4a4_s1", "minmax_w4a4_s2"}  # one FP cell
+    assert [cells[f"minmax_w4a4_s{s}"]["seed"] for s in range(3)] == [0, 1, 2]
+    marks = [12.0, 15.0, 21.0]
+    for s, value in enumerate(marks):  # distinct values (a random SAM scores 0 everywhere)
+        path = next((out / "cells" / "tiny").glob(f"minmax_w4a4_s{s}-*/results.json"))
+        results = json.loads(path.read_text())
+        results["quant"]["segm_mAP"] = value
+        path.write_text(json.dumps(results))
+    assert tool.main(["--spec", str(spec), "--out", str(out)]) == 0
+    coco = _tables((out / "coco.md").read_text())["coco"]
+    assert _entry(coco, "minmax", "Tiny W4A4") == "16.0 ± 4.6"  # mean 16, sample std sqrt(21)
+    next((out / "cells" / "tiny").glob("minmax_w4a4_s2-*/results.json")).unlink()
+    assert tool.main(["--spec", str(spec), "--out", str(out), "--dry-run"]) == 0
+    bad = yaml.safe_load(spec.read_text())
+    bad["run"]["seeds"] = [0, 0]
+    spec.write_text(yaml.safe_dump(bad))
+    with pytest.raises(SystemExit, match="run.seeds"):
+        tool.main(["--spec", str(spec), "--dry-run"])
