@@ -5,8 +5,9 @@
     python tools/reproduce_tables.py --spec exp/tables/ablation.yaml --out runs/tables --jobs 2
 
 A cell's folder under ``<out>/cells/<model>/`` is named by a hash of what its result depends on; a cell
-whose results.json is complete is not run again, so an interrupted grid resumes where it stopped. The FP
-baseline of each model is one shared cell. A failed cell is reported and the grid goes on; the command
+whose results.json is complete is not run again, so an interrupted grid resumes where it stopped (an
+interrupted cell resumes its own run). Its q_config and log sit beside it (``<cell>.yaml``, ``<cell>.log``).
+The FP baseline of each model is one shared cell. A failed cell is reported and the grid goes on; the command
 exits non-zero at the end, listing the failures. Tables go to ``<out>/tables.md`` and ``<out>/<table>.md``.
 """
 from __future__ import annotations
@@ -55,9 +56,9 @@ def _option(key: str, value: object) -> str:
 
 
 def cell_argv(cell: Cell, root: Path, threads: int | None) -> list[str]:
-    """test_quant.py arguments of ``cell`` (its q_config.yaml must be written first)."""
+    """test_quant.py arguments of ``cell`` (its q_config file must be written first)."""
     out = cell.out_dir(root)
-    argv = ["--config", str(cell.model.config), "--q_config", str(out / "q_config.yaml"), "--out", str(out),
+    argv = ["--config", str(cell.model.config), "--q_config", str(_beside(out, ".yaml")), "--out", str(out),
             "--cache-dir", str(root / "cache"), "--fp-only" if cell.kind == "fp" else "--skip-fp"]
     run = cell.run
     argv += ["--quant-encoder"] if run.get("quant_encoder") else []
@@ -65,9 +66,15 @@ def cell_argv(cell: Cell, root: Path, threads: int | None) -> list[str]:
         if run.get(key) is not None:
             argv += [f"--{key.replace('_', '-')}", str(run[key])]
     argv += ["--threads", str(threads)] if threads else []
+    argv += ["--overwrite"] if out.exists() else []  # a folder without a complete result (it was lost)
     if cell.model.cfg_options:
         argv += ["--cfg-options", *(_option(k, v) for k, v in cell.model.cfg_options.items())]
     return argv
+
+
+def _beside(out: Path, suffix: str) -> Path:
+    """A cell's q_config (``.yaml``) and log (``.log``) sit next to its run folder (which holds the run)."""
+    return out.with_name(out.name + suffix)
 
 
 def is_complete(cell: Cell, root: Path) -> bool:
@@ -104,12 +111,12 @@ def _run_subprocess(argv: list[str], log: Path) -> str | None:
 
 
 def run_cell(cell: Cell, root: Path, threads: int | None, inprocess: bool) -> str | None:
-    """Run one cell; returns None on success, else a one-line reason (details in its log.txt)."""
+    """Run one cell; returns None on success, else a one-line reason (details in its log)."""
     out = cell.out_dir(root)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "q_config.yaml").write_text(cell.q_config_text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _beside(out, ".yaml").write_text(cell.q_config_text)
     argv = cell_argv(cell, root, threads)
-    error = (_run_inprocess if inprocess else _run_subprocess)(argv, out / "log.txt")
+    error = (_run_inprocess if inprocess else _run_subprocess)(argv, _beside(out, ".log"))
     if error is None and not is_complete(cell, root):
         error = "finished without a complete results.json"
     return error
@@ -142,7 +149,8 @@ def _run_all(todo: list[Cell], root: Path, args: argparse.Namespace) -> dict[str
         error = run_cell(cell, root, args.threads, inprocess=args.jobs == 1)
         if error is not None:
             failed[cell.key] = error
-            tqdm.write(f"FAILED {cell.model.name}/{cell.slug}: {error} (log: {cell.out_dir(root)}/log.txt)")
+            log = _beside(cell.out_dir(root), ".log")
+            tqdm.write(f"FAILED {cell.model.name}/{cell.slug}: {error} (log: {log})")
         bar.update()
 
     if args.jobs == 1:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-__all__ = ["SAM_VARIANTS", "SamSpec", "build_sam", "infer_model_type", "load_sam", "sam_from_spec"]
+__all__ = ["SAM_VARIANTS", "SamSpec", "build_sam", "infer_model_type", "load_sam", "read_state_dict",
+           "sam_from_spec"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,18 @@ def infer_model_type(state_dict: Mapping[str, Any], source: str = "state dict") 
     raise ValueError(f"{source} holds {_describe(embed_dim, depth)}, which is none of {sorted(SAM_VARIANTS)}")
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+def _load_error(err: Exception) -> str:
+    """The reason ``torch.load`` gave, without its advice to load with ``weights_only=False`` (which would
+    run whatever code the file carries)."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "weights_only" in str(err):
+        return "it holds Python objects other than tensors (only plain state dicts of tensors are read)"
+    return f"{type(err).__name__}: {first[:200]}"
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A plain ``{name: tensor}`` state dict from ``path`` (``weights_only``); ``FileNotFoundError`` or a
+    one-line ``ValueError`` naming the file otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SAM checkpoint not found: {path}")
     name = os.path.basename(path)
@@ -144,7 +156,8 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     except OSError:
         raise
     except Exception as err:  # a malformed pickle can fail with almost any exception type
-        raise ValueError(f"checkpoint {name} could not be read as a torch state dict: {err!r}") from err
+        raise ValueError(f"checkpoint {name} could not be read as a torch state dict: {_load_error(err)}") \
+            from None
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
         raise ValueError(f"checkpoint {name} is not a state dict (got {type(obj).__name__})")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
@@ -163,7 +176,7 @@ def load_sam(model_type: str | None, checkpoint: str | os.PathLike, **size_overr
         _spec(model_type, size_overrides)
     path = os.fspath(checkpoint)
     name = os.path.basename(path)
-    state_dict = _read_state_dict(path)
+    state_dict = read_state_dict(path)
     found = _encoder_size(state_dict, f"checkpoint {name}")
     if model_type is None:
         model_type = infer_model_type(state_dict, f"checkpoint {name}")
@@ -178,5 +191,11 @@ def load_sam(model_type: str | None, checkpoint: str | os.PathLike, **size_overr
     try:
         sam.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"checkpoint {name} does not match a {model_type} SAM: {err}") from err
+        raise ValueError(f"checkpoint {name} does not match a {model_type} SAM: {mismatch(err)}") from None
     return sam
+
+
+def mismatch(err: RuntimeError) -> str:
+    """``load_state_dict``'s complaint, cut to its first line and a few hundred characters."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:300] + " ..."

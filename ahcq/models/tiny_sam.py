@@ -7,6 +7,7 @@ transformer and 4 mask tokens), so a checkpoint of it exercises the same quantiz
 from __future__ import annotations
 
 import json
+import os
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from segment_anything.modeling import Sam
 
-from ahcq.models.sam_checkpoint import SamSpec, sam_from_spec
+from ahcq.models.sam_checkpoint import SamSpec, mismatch, read_state_dict, sam_from_spec
 
 
 def _sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
@@ -74,8 +75,12 @@ def build_tiny_sam(
     with torch.no_grad():
         sam.image_encoder.pos_embed.copy_(_sincos_pos_embed(grid, embed_dim))
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        sam.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        state = read_state_dict(os.fspath(checkpoint))
+        try:
+            sam.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        except RuntimeError as err:
+            name = os.path.basename(os.fspath(checkpoint))
+            raise ValueError(f"checkpoint {name} is not a tiny SAM of these sizes: {mismatch(err)}") from None
     return sam
 
 

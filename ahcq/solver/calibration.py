@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ahcq.models.sam_roles import big_sites
+from ahcq.progress import progress_bar
 from ahcq.quantization.api import (
     activations_quantized,
     assert_fully_quantized,
@@ -74,7 +74,7 @@ class CalibrationReport:
 
 def _pass(model: nn.Module, samples: Sequence[Any], forward: Forward, desc: str) -> None:
     with torch.no_grad():
-        for sample in tqdm(samples, desc=desc, unit="img"):
+        for sample in progress_bar(samples, desc=desc, unit="img"):
             forward(sample)
 
 
@@ -241,7 +241,7 @@ def condition_linears(
     samples = samples[: cfg.calib]
     local = _local_moments(sam, layers, samples, forward) if cfg.error == "local" else {}
     report = {}
-    for name, layer in tqdm(layers, desc="ACNR", unit="layer"):
+    for name, layer in progress_bar(layers, desc="ACNR", unit="layer"):
         cond = _condition_number(layer)
         if cond < cfg.min_cond:
             report[name] = {"cond_before": cond, "cond_after": cond, "skipped": True}

@@ -1,12 +1,25 @@
-"""What the two pipeline CLIs (``test_quant.py``, ``test_quant_video.py``) share: a positive-count argument
-type and the entry that checks the seed, sets up logging and reports user errors."""
+"""What the two pipeline CLIs (``test_quant.py``, ``test_quant_video.py``) share: the user-error and
+interrupt exceptions, a positive-count argument type, the third-party notice filter (``noise``), and the
+entry that checks the seed, sets up logging and turns user errors and interrupts into one line and a
+non-zero exit."""
 from __future__ import annotations
 
 import argparse
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["positive", "run_cli"]
+from ahcq.solver.noise import quiet_third_party
+
+__all__ = ["Interrupted", "UserError", "add_run_arguments", "positive", "quiet_third_party", "run_cli"]
+
+
+class UserError(Exception):
+    """Bad input from the user (missing file, bad config or option); reported without a traceback."""
+
+
+class Interrupted(Exception):
+    """The run was interrupted (SIGINT); the message says how to resume it."""
 
 
 def positive(text: str) -> int:
@@ -17,15 +30,39 @@ def positive(text: str) -> int:
     return value
 
 
-def run_cli(prog: str, args: argparse.Namespace, start: Callable[[argparse.Namespace], object],
-            user_error: type[Exception]) -> int:
-    """Run ``start(args)``; a negative ``--seed`` or a ``user_error`` exits non-zero with a one-line message
-    naming the culprit."""
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options both CLIs take for where and how a run goes: --out and its protocol, seed, device,
+    threads and the reconstruction length."""
+    p.add_argument("--out", type=Path,
+                   help="results folder (default: runs/<config>__<q_config>); a rerun into a folder that "
+                        "holds another run is refused, an interrupted run of the same inputs resumes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (and discard an interrupted run's state)")
+    p.add_argument("--keep-state", action="store_true",
+                   help="keep the reconstruction state (recon_state/) in --out after the run")
+    p.add_argument("--seed", type=int, help="seed of the run (default: the q_config's seed, else 0)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=positive,
+                   help="CPU threads for torch (default: torch's). Float sums are split by thread, so the "
+                        "numbers depend on it; it is part of the run's fingerprint and recorded in results")
+    p.add_argument("--recon-iters", type=positive,
+                   help="reconstruction iterations per unit, overriding the q_config (smoke tests)")
+
+
+def run_cli(prog: str, args: argparse.Namespace, start: Callable[[argparse.Namespace], object]) -> int:
+    """Run ``start(args)``; a negative ``--seed``, a ``UserError`` or an interrupt exits non-zero with one
+    line (130 for an interrupt, with how to resume)."""
     if args.seed is not None and args.seed < 0:
         raise SystemExit(f"{prog}: error: --seed must be >= 0, got {args.seed}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         start(args)
-    except user_error as err:
+    except UserError as err:
         raise SystemExit(f"{prog}: error: {err}") from None
+    except Interrupted as err:
+        print(f"{prog}: {err}", flush=True)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", flush=True)
+        raise SystemExit(130) from None
     return 0

@@ -16,17 +16,23 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from mmdet.core import encode_mask_results
 from mmdet.datasets import build_dataset
-from tqdm.auto import tqdm
 
+from ahcq.progress import progress_bar
 from ahcq.solver.feature_cache import FeatureCache
+from ahcq.solver.noise import without_noise
 
-__all__ = ["METRIC_KEYS", "build_split", "evaluate", "pipeline_items"]
+__all__ = ["METRIC_KEYS", "NonFiniteOutput", "build_split", "evaluate", "pipeline_items"]
 
 logger = logging.getLogger(__name__)
 METRIC_KEYS = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+
+
+class NonFiniteOutput(ValueError):
+    """The model predicted a NaN or infinite box or score; nothing is written for it (NaN is not JSON)."""
 
 
 def build_split(data_cfg: Any, limit: int | None = None, filter_empty: bool = False) -> Any:
@@ -35,7 +41,8 @@ def build_split(data_cfg: Any, limit: int | None = None, filter_empty: bool = Fa
     ``filter_empty`` applies mmdet's training-set filter (images without annotations or under 32 px are
     dropped), as the references did for the calibration images.
     """
-    dataset = build_dataset(dict(data_cfg, test_mode=not filter_empty))
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        dataset = build_dataset(dict(data_cfg, test_mode=not filter_empty))
     _renumber_annotation_id_zero(dataset)
     if limit is not None:
         dataset.data_infos = dataset.data_infos[:limit]
@@ -70,10 +77,13 @@ def pipeline_items(dataset: Any, indices: Sequence[int]) -> Iterator[tuple[torch
 
 def _run(model: Any, cache: FeatureCache, keys: Sequence[str], cached_embeddings: bool, tag: str) -> list:
     results = []
-    for key in tqdm(keys, desc=f"evaluate {tag}", unit="img"):
+    for key in progress_bar(keys, desc=f"evaluate {tag}", unit="img"):
         cached = cache.load(model.sam, key)
         embedding = cache.embedding(model.sam, cached) if cached_embeddings else None
         bbox_results, segm_results = model.predict_cached(cached.sample, embedding)
+        if not all(np.isfinite(r).all() for r in bbox_results):
+            raise NonFiniteOutput(f"{tag} evaluation: the model predicted NaN/Inf boxes or scores on "
+                                  f"{cached.filename}")
         results.append((bbox_results, encode_mask_results(segm_results)))
     return results
 
@@ -101,7 +111,7 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{tag}.") as tmp:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        with contextlib.redirect_stdout(io.StringIO()), without_noise():  # pycocotools prints its progress
             raw = dataset.evaluate(
                 results, metric=["bbox", "segm"], logger="silent", jsonfile_prefix=os.path.join(tmp, tag)
             )

@@ -1,12 +1,15 @@
 """One PTQ run of SAM on COCO: build -> cache prompts and encoder inputs -> float eval -> quantize,
 calibrate, (reconstruct) -> quantized eval -> ``results.json``.
 
-Everything the user can get wrong (config, qconfig, checkpoints, annotation files, device) is checked
-before any output is written and raised as :class:`UserError`, which the CLI prints without a traceback.
+Everything the user can get wrong (paths, config, qconfig, checkpoints and their values, annotation and
+image files, device, a ``--out`` that holds another run) is checked before the first expensive step and
+raised as :class:`UserError`, which the CLI prints without a traceback.
 
-When ``recon.enabled`` the run reconstructs with :func:`ahcq.solver.recon_sam.reconstruct_sam` (its
-per-unit state under ``--out``/recon_state lets an interrupted run resume) and stores the report under
-``calibration.reconstruction.report``; without reconstruction AdaRound weights are rounded to nearest.
+The run works in a staging folder and moves it to ``--out`` when it has finished (``run_identity``): a
+rerun with the same inputs resumes an interrupted run (float results kept, reconstruction from its last
+finished unit), and a rerun with other inputs is refused instead of reporting the old model. The
+fingerprint (weights, prompt source, data, resolved quantization config, calibration draw, seed, CPU
+threads, device, code) is recorded in ``results.json``.
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import platform
 import time
 from collections.abc import Sequence
@@ -28,43 +30,52 @@ import mmcv
 import mmdet
 import torch
 from mmdet.models import build_detector
-from tqdm.auto import tqdm
 
 import ahcq
 from ahcq.models.sam_quantize import quantize_sam
+from ahcq.progress import progress_bar
 from ahcq.quantization.api import iter_quantizers
 from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
 from ahcq.solver.calibration import calibrate, switch_to_evaluation
-from ahcq.solver.evaluation import build_split, evaluate, pipeline_items
+from ahcq.solver.cli import Interrupted, UserError
+from ahcq.solver.evaluation import NonFiniteOutput, build_split, evaluate, pipeline_items
 from ahcq.solver.feature_cache import CachedImage, CacheStats, FeatureCache, module_fingerprint, run_key
 from ahcq.solver.pcc_sam import apply_pcc
 from ahcq.solver.recon_sam import reconstruct_sam
-from ahcq.solver.results import format_table, write_results
+from ahcq.solver.results import format_table, write_json
+from ahcq.solver.run_checks import (
+    RunInputError,
+    check_annotations,
+    check_config_files,
+    check_finite_weights,
+    check_folder,
+    check_image_files,
+)
+from ahcq.solver.run_identity import RunFolder, RunMismatch, code_version, digest, weights_digest
 from ahcq.solver.seeding import calibration_indices, seed_everything
 from projects.instance_segment_anything.sam_runner import decode_boxes
 
-__all__ = ["CalibSample", "RunOptions", "UserError", "calibration_choice", "pcc_step", "reconstruct_step",
-           "run"]
+__all__ = ["CalibSample", "Interrupted", "RunOptions", "UserError", "calibration_choice", "pcc_step",
+           "reconstruct_step", "run"]
 
 logger = logging.getLogger(__name__)
-TINY_SAM_HINT = "make it with: python tools/make_demo_data.py && python tools/train_tiny_sam.py --out {ckpt}"
-DEMO_DATA_HINT = "generate the demo set with: python tools/make_demo_data.py"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_QCONFIG = Path("exp/config44.yaml")
 MAX_MESSAGE = 600
-
-
-class UserError(Exception):
-    """Bad input from the user (missing file, bad config or option); reported without a traceback."""
+PROGRESS = "progress.json"
 
 
 @dataclass
 class RunOptions:
-    """Everything a run depends on (the CLI's arguments, resolved)."""
+    """Everything a run depends on (the CLI's arguments, resolved). ``q_config``, ``quant_encoder`` and
+    ``out`` left as ``None`` take the mmdet config's ``ahcq_defaults`` (the demo config has them), else
+    ``exp/config44.yaml``, a float encoder and ``runs/<config>__<q_config>``."""
 
     config: Path
-    q_config: Path
-    out: Path
+    q_config: Path | None
+    out: Path | None
     cache_dir: Path
-    quant_encoder: bool = False
+    quant_encoder: bool | None = None
     seed: int | None = None
     device: str = "cpu"
     calib_images: int | None = None
@@ -72,6 +83,9 @@ class RunOptions:
     limit: int | None = None
     fp_only: bool = False
     skip_fp: bool = False
+    recon_iters: int | None = None
+    overwrite: bool = False
+    keep_state: bool = False
     cfg_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,6 +108,11 @@ def sam_forward(sam: Any, sample: CalibSample, box_chunk: int, max_boxes: int) -
 def _load_config(opts: RunOptions) -> mmcv.Config:
     if not opts.config.is_file():
         raise UserError(f"--config: no such mmdet config {str(opts.config)!r}")
+    if opts.config.suffix == ".py":  # checked here: mmcv's own syntax error leaves a temp-file traceback
+        try:
+            compile(opts.config.read_text(), str(opts.config), "exec")
+        except SyntaxError as err:
+            raise UserError(f"--config {opts.config}: line {err.lineno}: {err.msg}") from None
     try:
         cfg = mmcv.Config.fromfile(str(opts.config))
     except Exception as err:  # mmcv reports syntax errors, bad _base_ and bad imports with many types
@@ -106,20 +125,24 @@ def _load_config(opts: RunOptions) -> mmcv.Config:
     return cfg
 
 
-def _check_inputs(cfg: mmcv.Config, opts: RunOptions) -> None:
-    """Name the missing checkpoint or annotation file, with the command that makes the demo ones."""
-    sam = cfg.model.get("sam")
-    ckpt = sam.get("checkpoint") if isinstance(sam, dict) else None
-    if ckpt is not None and not os.path.isfile(ckpt):
-        hint = TINY_SAM_HINT.format(ckpt=ckpt) if sam.get("type") == "TinySAM" else "see ckpt/README.md"
-        raise UserError(f"SAM checkpoint not found: {ckpt!r} (model.sam.checkpoint of {opts.config}); {hint}")
-    for split in ("test", "calib" if "calib" in cfg.data else "train"):
-        ann = cfg.data.get(split, {}).get("ann_file")
-        if ann is None:
-            raise UserError(f"--config {opts.config}: data.{split}.ann_file is not set")
-        if not os.path.isfile(ann):
-            hint = f"; {DEMO_DATA_HINT}" if "demo_root" in cfg else ""
-            raise UserError(f"annotations not found: {ann!r} (data.{split}.ann_file){hint}")
+def _in_repo(path: Path) -> Path:
+    """A default file, relative to the working directory when run from the repository root."""
+    return path if path.is_file() else REPO / path
+
+
+def _with_defaults(opts: RunOptions, cfg: mmcv.Config) -> RunOptions:
+    """Options left unset take the mmdet config's ``ahcq_defaults`` (``q_config``, ``quant_encoder``), so a
+    config that is the demo runs as the demo however it is named on the command line."""
+    defaults = dict(cfg.get("ahcq_defaults") or {})
+    unknown = sorted(set(defaults) - {"q_config", "quant_encoder"})
+    if unknown:
+        raise UserError(f"--config {opts.config}: ahcq_defaults: unknown key {unknown[0]!r}; allowed: "
+                        f"q_config, quant_encoder")
+    q_config = opts.q_config or _in_repo(Path(defaults.get("q_config", DEFAULT_QCONFIG)))
+    quant_encoder = opts.quant_encoder if opts.quant_encoder is not None else bool(
+        defaults.get("quant_encoder", False))
+    out = opts.out or Path("runs") / f"{opts.config.stem}__{q_config.stem}"
+    return dataclasses.replace(opts, q_config=q_config, quant_encoder=quant_encoder, out=out)
 
 
 def _load_qconfig(opts: RunOptions) -> QConfig:
@@ -127,16 +150,21 @@ def _load_qconfig(opts: RunOptions) -> QConfig:
         qconfig = load_qconfig(opts.q_config)
     except ConfigError as err:
         raise UserError(f"--q_config: {err}") from None
-    return qconfig if opts.seed is None else dataclasses.replace(qconfig, seed=opts.seed)
+    if opts.seed is not None:
+        qconfig = dataclasses.replace(qconfig, seed=opts.seed)
+    if opts.recon_iters is not None:
+        recon = dataclasses.replace(qconfig.recon, iters=opts.recon_iters, iters_cams=opts.recon_iters)
+        qconfig = dataclasses.replace(qconfig, recon=recon)
+    return qconfig
 
 
 def _build_model(cfg: mmcv.Config, config_path: Path, device: torch.device) -> Any:
     importlib.import_module("projects.instance_segment_anything")
     try:
         model = build_detector(cfg.model, test_cfg=cfg.get("test_cfg"))
-    except (FileNotFoundError, KeyError, TypeError, ValueError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - mmcv's builders wrap any failure of the built type
         # mmcv's builders prefix the failing type's name: a wrong checkpoint, a bad or unknown config key
-        text = str(err)
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
         text = text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + " ..."
         raise UserError(f"model of {config_path} could not be built: {text}") from None
     return model.to(device).eval()
@@ -181,8 +209,8 @@ class _Timer:
 def _cache_split(cache: FeatureCache, model: Any, dataset: Any, indices: Sequence[int],
                  split: str) -> tuple[list[str], CacheStats]:
     stats = CacheStats()
-    progress = functools.partial(tqdm, total=len(indices), desc=f"prepare {split}", unit="img")
-    keys = cache.prepare(model, pipeline_items(dataset, indices), stats, progress)
+    bar = functools.partial(progress_bar, total=len(indices), desc=f"prepare {split}", unit="img")
+    keys = cache.prepare(model, pipeline_items(dataset, indices), stats, bar)
     if stats.misses == 0:
         logger.info("cache hit: %d %s images from %s", stats.hits, split, cache.dir)
     else:
@@ -192,7 +220,7 @@ def _cache_split(cache: FeatureCache, model: Any, dataset: Any, indices: Sequenc
 
 
 def _quantize(model: Any, cache: FeatureCache, calib_keys: Sequence[str], qconfig: QConfig,
-              opts: RunOptions, device: torch.device) -> dict[str, Any]:
+              opts: RunOptions, device: torch.device, staging: Path) -> dict[str, Any]:
     sam = model.sam
     samples = []
     for key in calib_keys:
@@ -202,33 +230,114 @@ def _quantize(model: Any, cache: FeatureCache, calib_keys: Sequence[str], qconfi
     forward = functools.partial(sam_forward, sam, box_chunk=model.box_chunk, max_boxes=opts.calib_max_boxes)
     report = calibrate(sam, samples, forward, qconfig)
     pcc = pcc_step(sam, samples, qconfig, device)
-    recon = reconstruct_step(sam, samples, qconfig, device, opts.out / "recon_state", opts.calib_max_boxes)
+    recon = reconstruct_step(sam, samples, qconfig, device, staging / "recon_state", opts.calib_max_boxes)
     switch_to_evaluation(sam)
     return {**dataclasses.asdict(report), "pcc": pcc, "reconstruction": recon,
             "quantizers": sum(1 for _ in iter_quantizers(sam))}
 
 
-def run(opts: RunOptions) -> dict[str, Any]:
-    """Do the run described by ``opts``; returns what it wrote to ``opts.out/results.json``."""
-    timer = _Timer()
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _identity(cfg: mmcv.Config, opts: RunOptions, qconfig: QConfig, model: Any, device: torch.device,
+              calib_indices: list[int]) -> dict[str, Any]:
+    """Everything that decides this run's results (see ``run_identity``)."""
+    splits = {split: cfg.data.get(split) for split in ("test", "calib", "train") if split in cfg.data}
+    data = {split: {"ann": _file_digest(s["ann_file"]), "img_prefix": s.get("img_prefix")}
+            for split, s in splits.items() if isinstance(s, dict) and s.get("ann_file")}
+    return {
+        "mmdet_config": digest(json.loads(json.dumps(dict(cfg.items()), default=str))),
+        "sam_weights": weights_digest(model.sam),
+        "prompt": digest({"config": dict(cfg.model.get("prompt") or {}),
+                          "weights": weights_digest(model.prompt)}),
+        "data": digest({"splits": data, "limit": opts.limit}),
+        "qconfig": digest(qconfig.to_dict()) if not opts.fp_only else None,
+        "calibration": {"indices": calib_indices, "max_boxes": opts.calib_max_boxes},
+        "quant_encoder": opts.quant_encoder,
+        "evaluations": "fp" if opts.fp_only else "quant" if opts.skip_fp else "fp+quant",
+        "seed": qconfig.seed,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "code": code_version(),
+    }
+
+
+def _prepare(opts: RunOptions) -> tuple[RunOptions, mmcv.Config, QConfig]:
+    """Options, config and qconfig, with every cheap input check done."""
+    check_folder(opts.out, "--out")
+    check_folder(opts.cache_dir, "--cache-dir")
     cfg = _load_config(opts)
+    opts = _with_defaults(opts, cfg)
+    check_folder(opts.out, "--out")
     qconfig = _load_qconfig(opts)
-    _check_inputs(cfg, opts)
+    check_config_files(cfg, opts.config)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {opts.device}: no CUDA device is available")
+    return opts, cfg, qconfig
+
+
+def run(opts: RunOptions) -> dict[str, Any]:
+    """Do the run described by ``opts``; returns what it wrote to ``results.json`` in ``--out``."""
+    try:
+        return _run(opts)
+    except (RunInputError, RunMismatch, NonFiniteOutput) as err:
+        raise UserError(str(err)) from None
+
+
+def _run(opts: RunOptions) -> dict[str, Any]:
+    timer = _Timer()
+    opts, cfg, qconfig = _prepare(opts)
     device = torch.device(opts.device)
     seed_everything(qconfig.seed)
     model = _build_model(cfg, opts.config, device)
+    sam_ckpt = (cfg.model.get("sam") or {}).get("checkpoint") or "the SAM weights"
+    check_finite_weights(model.sam, f"SAM checkpoint {sam_ckpt}")
+    check_finite_weights(model.prompt, "prompt source weights")
     eval_set = build_split(cfg.data.test, opts.limit)
     if len(eval_set) == 0:
         raise UserError(f"data.test of {opts.config} has no images to evaluate")
+    check_annotations(eval_set, "test")
+    check_image_files(eval_set, "test")
+    split = "calib" if "calib" in cfg.data else "train"
     calib_set = build_split(cfg.data.get("calib", cfg.data.train), filter_empty=True)
-    if not opts.fp_only and len(calib_set) == 0:
-        split = "calib" if "calib" in cfg.data else "train"
-        raise UserError(f"data.{split} has no image with annotations to calibrate on")
-    calib_indices = calibration_choice(qconfig, len(calib_set), opts.calib_images)
+    if not opts.fp_only:
+        if len(calib_set) == 0:
+            raise UserError(f"data.{split} has no image with annotations to calibrate on")
+        check_image_files(calib_set, split)
+    calib_indices = calibration_choice(qconfig, len(calib_set), opts.calib_images) if not opts.fp_only else []
+    identity = _identity(cfg, opts, qconfig, model, device, calib_indices)
+    folder = RunFolder(opts.out, identity, opts.overwrite)
+    finished = folder.finished()
+    if finished is not None:
+        logger.info("%s already holds this run (same fingerprint); nothing to do (--overwrite reruns it)",
+                    opts.out)
+        print(format_table(finished))
+        return finished
+    staging, resumed = folder.open()
+    if resumed:
+        logger.info("resuming the interrupted run kept in %s", staging)
     timer.stage("build")
+    try:
+        results = _work(opts, cfg, qconfig, model, device, eval_set, calib_set, calib_indices, staging, timer)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; run the same command again to resume (state kept in {staging})") \
+            from None
+    results.update(identity=identity, overrides={"recon_iters": opts.recon_iters})
+    write_json(staging / "results.json", results)
+    folder.commit(staging, keep=("recon_state",) if opts.keep_state else ())
+    print(format_table(results))
+    return results
 
+
+def _work(opts: RunOptions, cfg: mmcv.Config, qconfig: QConfig, model: Any, device: torch.device,
+          eval_set: Any, calib_set: Any, calib_indices: list[int], staging: Path,
+          timer: _Timer) -> dict[str, Any]:
+    """Cache, evaluate and quantize in ``staging``; float results of an interrupted run are reused."""
     config_blob = json.dumps(dict(cfg.items()), sort_keys=True, default=str)
     cache = FeatureCache(opts.cache_dir, run_key(json.loads(config_blob), module_fingerprint(model.prompt)),
                          module_fingerprint(model.sam.image_encoder))
@@ -238,14 +347,20 @@ def run(opts: RunOptions) -> dict[str, Any]:
     eval_keys, eval_stats = _cache_split(cache, model, eval_set, range(len(eval_set)), "evaluation")
     timer.stage("cache")
 
+    progress = _read_progress(staging)
     results: dict[str, Any] = {}
     if not opts.skip_fp:
-        results["fp"] = evaluate(model, eval_set, cache, eval_keys, opts.out, "fp", not opts.quant_encoder)
+        if "fp" in progress:
+            results["fp"] = progress["fp"]
+            logger.info("float evaluation: kept from the interrupted run")
+        else:
+            results["fp"] = evaluate(model, eval_set, cache, eval_keys, staging, "fp", not opts.quant_encoder)
+            write_json(staging / PROGRESS, {"fp": results["fp"]})
         timer.stage("fp_eval")
     if not opts.fp_only:
-        results["calibration"] = _quantize(model, cache, calib_keys, qconfig, opts, device)
+        results["calibration"] = _quantize(model, cache, calib_keys, qconfig, opts, device, staging)
         timer.stage("quantize")
-        results["quant"] = evaluate(model, eval_set, cache, eval_keys, opts.out, "quant",
+        results["quant"] = evaluate(model, eval_set, cache, eval_keys, staging, "quant",
                                     not opts.quant_encoder)
         timer.stage("quant_eval")
     results.update(
@@ -266,6 +381,12 @@ def run(opts: RunOptions) -> dict[str, Any]:
                   "torch_threads": torch.get_num_threads()},
     )
     results["timings_s"]["total"] = round(sum(timer.times.values()), 3)
-    write_results(opts.out, results)
-    print(format_table(results))
     return results
+
+
+def _read_progress(staging: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((staging / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and (staging / "fp.segm.json").is_file() else {}

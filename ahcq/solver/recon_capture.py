@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ahcq.progress import progress_bar
 from ahcq.quantization.api import iter_quantizers, quantization_disabled
 from ahcq.quantization.quantizers import Mode
 
@@ -139,7 +139,7 @@ def _check_chain(units: Sequence[ReconUnit], cache: ActivationCache, first_outpu
 
 def _run_samples(model: nn.Module, samples: Sequence[Any], forward: Forward, rec: _Recorder, desc: str,
                  progress: bool) -> None:
-    for s, sample in enumerate(tqdm(samples, desc=desc, disable=not progress, leave=False)):
+    for s, sample in enumerate(progress_bar(samples, desc=desc, disable=not progress, leave=False)):
         rec.start(s)
         forward(model, sample)
         missing = [u.name for k, u in enumerate(rec.units) if k not in rec.seen]
@@ -192,7 +192,7 @@ def propagate(units: Sequence[ReconUnit], k: int, cache: ActivationCache, index:
     was_training = unit.module.training
     unit.module.eval()
     try:
-        for s, c in tqdm(src, desc=f"propagate {unit.name}", disable=not progress, leave=False):
+        for s, c in progress_bar(src, desc=f"propagate {unit.name}", disable=not progress, leave=False):
             out = unit.call(unit.module, to_device(cache.get(index.qin_key(k, s, c)), device))
             out = map_tensors(out, lambda t: t.cpu())
             cache.put(("qin", k + 1, s, c), nxt.feed(out, cache.get(("fin", k + 1, s, c))))

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from ahcq.progress import progress_bar
 from ahcq.quantization.api import assert_fully_quantized, dropping
 from ahcq.quantization.quantizers import (
     BetaSchedule,
@@ -313,7 +313,7 @@ def reconstruct_unit(
     plateau = _Plateau(settings.patience, settings.min_delta)
     try:
         with dropping(unit.module, p, masks) if p > 0 else nullcontext():
-            for step in tqdm(range(settings.iters), desc=f"recon {unit.name}", disable=not progress,
+            for step in progress_bar(range(settings.iters), desc=f"recon {unit.name}", disable=not progress,
                              leave=False):
                 while regroups and regroups[0][0] == step:
                     _, q, groups = regroups.pop(0)

@@ -16,6 +16,7 @@ unit, so the units train and propagate with float activations; they come back on
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ahcq.progress import progress_bar
 from ahcq.quantization.api import activations_off, assert_fully_quantized, iter_quantizers, set_mode
 from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
 
@@ -38,6 +39,7 @@ from .seeding import seed_everything
 __all__ = ["ReconResult", "ReconSettings", "ReconUnit", "default_forward", "reconstruct", "units_from_names"]
 
 UnitCallback = Callable[[int, ReconUnit, UnitReport], None]
+logger = logging.getLogger(__name__)
 
 
 def default_forward(model: nn.Module, sample: Any) -> Any:
@@ -131,6 +133,9 @@ def reconstruct(
     result = ReconResult()
     if state_dir is not None:
         result.resumed_at = load_state(state_dir, model, names, settings) or 0
+        if result.resumed_at:
+            logger.info("reconstruction: resuming at unit %d of %d (%s)", result.resumed_at + 1, len(units),
+                        units[min(result.resumed_at, len(units) - 1)].name)
     set_mode(model, Mode.QUANTIZE)
     _harden_outside(model, units)
     if result.resumed_at >= len(units):
@@ -144,8 +149,8 @@ def reconstruct(
         for k in range(result.resumed_at):
             propagate(units, k, cache, index, progress)
             release(cache, index, k)
-        for k in tqdm(range(result.resumed_at, len(units)), desc="reconstruction", disable=not progress,
-                      initial=result.resumed_at, total=len(units)):
+        for k in progress_bar(range(result.resumed_at, len(units)), desc="reconstruction",
+                              disable=not progress, initial=result.resumed_at, total=len(units)):
             unit = units[k]
             batch = _batcher(cache, index, k, settings.batch_size, module_device(unit.module))
             report = reconstruct_unit(unit, k, settings, batch, extra_loss, progress)
@@ -153,6 +158,9 @@ def reconstruct(
                 propagate(units, k, cache, index, progress)
             release(cache, index, k)
             result.reports.append(report)
+            logger.info("reconstruction unit %d/%d %s: %d steps, loss %.4g -> %.4g, %.1f s", k + 1,
+                        len(units), unit.name, report.steps, report.first_loss, report.last_loss,
+                        report.seconds)
             if state_dir is not None:
                 save_state(state_dir, model, k + 1, names, settings)
             if on_unit_end is not None:

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS_NAME", "format_table", "write_results"]
+__all__ = ["RESULTS_NAME", "format_table", "write_json", "write_results"]
 
 RESULTS_NAME = "results.json"
 _ROWS = ("segm_mAP", "segm_mAP_50", "segm_mAP_75", "bbox_mAP")
@@ -25,20 +25,33 @@ def _strict(value: Any) -> Any:
     return value
 
 
-def write_results(out_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
-    """Write ``out_dir/results.json`` via a temporary file and ``os.replace``; a reader never sees half."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_strict(results), indent=2, sort_keys=False, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{RESULTS_NAME}.", dir=out_dir)
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write strict JSON (NaN and infinities as null) via a temporary file and ``os.replace``, readable by
+    everyone the folder allows; a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_strict(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, out_dir / RESULTS_NAME)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return out_dir / RESULTS_NAME
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_results(out_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
+    """Write ``out_dir/results.json`` atomically (``write_json``)."""
+    return write_json(Path(out_dir) / RESULTS_NAME, results)
 
 
 def _cell(value: float | None) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -35,9 +36,10 @@ from ahcq.models.sam2 import quantize_sam2
 from ahcq.models.sam2_checkpoint import build_sam2_model, load_sam2, reduced_overrides, resolve_config
 from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
 from ahcq.solver.calibration import condition_linears, group_weights, switch_to_evaluation
-from ahcq.solver.cli import positive, run_cli
+from ahcq.solver.cli import Interrupted, UserError, add_run_arguments, positive, quiet_third_party, run_cli
 from ahcq.solver.reconstruction import ReconSettings
-from ahcq.solver.results import write_results
+from ahcq.solver.results import RESULTS_NAME, write_json
+from ahcq.solver.run_identity import RunFolder, RunMismatch, code_version, digest, weights_digest
 from ahcq.solver.seeding import seed_everything
 from ahcq.video import VOSReport, evaluate, read_dataset
 from ahcq.video.calibration import apply_big_sam2, calibrate, select_clips, track_clip
@@ -64,10 +66,6 @@ _UNSUPPORTED = (
 )
 
 
-class UserError(Exception):
-    """Bad input from the user (missing file, bad config or option); reported without a traceback."""
-
-
 @dataclass
 class VideoRunOptions:
     """Everything a run depends on (the CLI's arguments, resolved)."""
@@ -85,6 +83,9 @@ class VideoRunOptions:
     calib_frames: int | None = None
     limit: int | None = None
     fp_only: bool = False
+    recon_iters: int | None = None
+    overwrite: bool = False
+    keep_state: bool = False
 
 
 def _expand(value: Any) -> Any:
@@ -178,6 +179,9 @@ def _load_qconfig(opts: VideoRunOptions) -> QConfig | None:
     if qconfig.recon.enabled and qconfig.recon.batch_size != 1:
         raise UserError(f"--q_config {opts.q_config}: recon.batch_size {qconfig.recon.batch_size}: SAM2 "
                         "reconstruction takes one tracked call per step; use 1")
+    if opts.recon_iters is not None:
+        recon = dataclasses.replace(qconfig.recon, iters=opts.recon_iters, iters_cams=opts.recon_iters)
+        qconfig = dataclasses.replace(qconfig, recon=recon)
     return qconfig if opts.seed is None else dataclasses.replace(qconfig, seed=opts.seed)
 
 
@@ -237,7 +241,7 @@ def _build(cfg: dict[str, Any], seed: int, device: torch.device) -> tuple[torch.
 
 
 def _quantize(predictor: torch.nn.Module, qconfig: QConfig, clips: list, options: TrackOptions,
-              timer: dict[str, float]) -> dict[str, Any]:
+              timer: dict[str, float], staging: Path) -> dict[str, Any]:
     """Quantize, calibrate (BIG, statistics, ACNR, weight groups), reconstruct as ``qconfig`` asks; evaluation
     state."""
     start = time.perf_counter()
@@ -256,7 +260,8 @@ def _quantize(predictor: torch.nn.Module, qconfig: QConfig, clips: list, options
     if qconfig.recon.enabled:
         start = time.perf_counter()
         report["reconstruction"] = reconstruct_video(predictor, ReconSettings.from_qconfig(qconfig), clips,
-                                                     options, whole_layers=qconfig.recon.units == "layers")
+                                                     options, whole_layers=qconfig.recon.units == "layers",
+                                                     state_dir=staging / "recon_state")
         timer["reconstruction"] = time.perf_counter() - start
     switch_to_evaluation(predictor)
     return report
@@ -281,21 +286,46 @@ def _evaluate(predictor: torch.nn.Module, samples: list, options: TrackOptions) 
     return evaluate(samples, TrackedPredictions(predictor, options), progress=True)
 
 
-def format_table(fp: VOSReport | None, quant: VOSReport | None) -> str:
-    """Float and quantized J&F, J and F per protocol, side by side."""
-    def cells(r: VOSReport | None, key: str) -> list[str]:
-        s = getattr(r, key) if r is not None else None
-        return ["-"] * 3 if s is None else [f"{s.jf:.2f}", f"{s.j:.2f}", f"{s.f:.2f}"]
-    widths = (10, 11, 7, 7, 11, 7, 7)
-    rows = [("protocol", "float J&F", "J", "F", "quant J&F", "J", "F")]
-    rows += [(key, *cells(fp, key), *cells(quant, key)) for key in ("official", "ahcq")]
-    return "\n".join(f"{row[0]:<{widths[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(row[1:], widths[1:]))
-                     for row in rows)
+def _tree_digest(root: Path) -> str:
+    """Path, size and modification time of every file under ``root`` (frames and annotations)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    return digest([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def _identity(cfg: dict[str, Any], opts: VideoRunOptions, qconfig: QConfig | None, predictor: torch.nn.Module,
+              overrides: list[str], clips: list, options: TrackOptions, seed: int, device: torch.device,
+              samples: list) -> dict[str, Any]:
+    """Everything that decides this run's results (see ``run_identity``)."""
+    roots = {section: cfg[section].get("root") for section in ("dataset", "calibration")}
+    return {
+        "model": digest({"config": cfg["model"].get("config"), "overrides": overrides}),
+        "weights": weights_digest(predictor),
+        "data": digest({s: _tree_digest(Path(r)) if r else None for s, r in roots.items()}
+                       | {"videos": [v.name for v in samples]}),
+        "qconfig": digest(qconfig.to_dict()) if qconfig is not None else None,
+        "calibration": [(c.sample.name, c.frames) for c in clips],
+        "tracking": dataclasses.asdict(options),
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "code": code_version(),
+    }
 
 
 def run(opts: VideoRunOptions) -> dict[str, Any]:
-    """One float (+ quantized) VOS evaluation; writes ``results.json`` only when everything succeeded."""
+    """One float (+ quantized) VOS evaluation in a staging folder moved to ``--out`` when it has finished;
+    an interrupted run of the same inputs resumes, a folder holding another run is refused."""
+    try:
+        return _run(opts)
+    except RunMismatch as err:
+        raise UserError(str(err)) from None
+
+
+def _run(opts: VideoRunOptions) -> dict[str, Any]:
     started = time.perf_counter()
+    for path, option in ((opts.out, "--out"),):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{option} {path} is a file, not a folder")
     cfg = _resolve(opts)
     qconfig = _load_qconfig(opts)
     seed = opts.seed if opts.seed is not None else (qconfig.seed if qconfig else 0)
@@ -316,27 +346,70 @@ def run(opts: VideoRunOptions) -> dict[str, Any]:
     start = time.perf_counter()
     predictor, overrides = _build(cfg, seed, device)
     timer["build"] = time.perf_counter() - start
-    start = time.perf_counter()
-    fp = _evaluate(predictor, samples, options)
-    timer["fp_eval"] = time.perf_counter() - start
-    quant, calib_report = None, None
-    if qconfig is not None:
-        calib_report = _quantize(predictor, qconfig, clips, options, timer)
-        start = time.perf_counter()
-        quant = _evaluate(predictor, samples, options)
-        timer["quant_eval"] = time.perf_counter() - start
+    identity = _identity(cfg, opts, qconfig, predictor, overrides, clips, options, seed, device, samples)
+    folder = RunFolder(opts.out, identity, opts.overwrite)
+    finished = folder.finished()
+    if finished is not None:
+        logger.info("%s already holds this run (same fingerprint); nothing to do (--overwrite reruns it)",
+                    opts.out)
+        return finished
+    staging, resumed = folder.open()
+    if resumed:
+        logger.info("resuming the interrupted run kept in %s", staging)
+    try:
+        fp, quant, calib_report = _work(predictor, qconfig, samples, clips, options, timer, staging)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; run the same command again to resume (state kept in {staging})") \
+            from None
     timer["total"] = time.perf_counter() - started
     results = {
-        "fp": fp.as_dict(), "quant": quant.as_dict() if quant else None,
+        "fp": fp, "quant": quant,
         "config": cfg, "q_config": qconfig.to_dict() if qconfig else None,
         "q_config_source": str(opts.q_config) if qconfig else None,
         "sam2_overrides": overrides, "seed": seed, "device": str(device), "videos": [s.name for s in samples],
         "calibration": calib_report, "tracking": dataclasses.asdict(options),
         "timings_s": {k: round(v, 3) for k, v in timer.items()},
+        "identity": identity, "overrides": {"recon_iters": opts.recon_iters},
     }
-    write_results(opts.out, results)
+    write_json(staging / RESULTS_NAME, results)
+    folder.commit(staging, keep=("recon_state",) if opts.keep_state else ())
     print(format_table(fp, quant))
     return results
+
+
+def _work(predictor: torch.nn.Module, qconfig: QConfig | None, samples: list, clips: list,
+          options: TrackOptions, timer: dict[str, float], staging: Path
+          ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+    """Float evaluation (kept from an interrupted run when it finished), then quantize and evaluate."""
+    progress_file = staging / "progress.json"
+    try:
+        fp = json.loads(progress_file.read_text())["fp"]
+        logger.info("float evaluation: kept from the interrupted run")
+    except (OSError, ValueError, KeyError):
+        start = time.perf_counter()
+        fp = _evaluate(predictor, samples, options).as_dict()
+        timer["fp_eval"] = time.perf_counter() - start
+        write_json(progress_file, {"fp": fp})
+    quant, calib_report = None, None
+    if qconfig is not None:
+        calib_report = _quantize(predictor, qconfig, clips, options, timer, staging)
+        start = time.perf_counter()
+        quant = _evaluate(predictor, samples, options).as_dict()
+        timer["quant_eval"] = time.perf_counter() - start
+    return fp, quant, calib_report
+
+
+def format_table(fp: dict[str, Any] | None, quant: dict[str, Any] | None) -> str:
+    """Float and quantized J&F, J and F per protocol, side by side."""
+    def cells(r: dict[str, Any] | None, key: str) -> list[str]:
+        if r is None or r.get(f"{key}/J&F") is None:
+            return ["-"] * 3
+        return [f"{r[f'{key}/J&F']:.2f}", f"{r[f'{key}/J']:.2f}", f"{r[f'{key}/F']:.2f}"]
+    widths = (10, 11, 7, 7, 11, 7, 7)
+    rows = [("protocol", "float J&F", "J", "F", "quant J&F", "J", "F")]
+    rows += [(key, *cells(fp, key), *cells(quant, key)) for key in ("official", "ahcq")]
+    return "\n".join(f"{row[0]:<{widths[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(row[1:], widths[1:]))
+                     for row in rows)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -348,9 +421,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, help="evaluation dataset root (overrides the YAML's)")
     p.add_argument("--layout", choices=("sav", "davis"), help="dataset layout (overrides the YAML's)")
     p.add_argument("--split", help="split name (overrides the YAML's)")
-    p.add_argument("--out", type=Path, help="results folder (default: runs/<config>__<q_config>)")
-    p.add_argument("--seed", type=int, help="seed of the run (default: the q_config's seed, else 0)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    add_run_arguments(p)
     p.add_argument("--calib-videos", type=positive, help="calibration videos N (default: the YAML's, or 8)")
     p.add_argument("--calib-frames", type=positive,
                    help="tracked frames K per calibration video (default: the YAML's, or calibrate / N)")
@@ -369,14 +440,21 @@ def _options(args: argparse.Namespace) -> VideoRunOptions:
         config=config, q_config=args.q_config, out=out, checkpoint=args.checkpoint, data_root=args.data_root,
         layout=args.layout, split=args.split, seed=args.seed, device=args.device,
         calib_videos=args.calib_videos, calib_frames=args.calib_frames, limit=args.limit,
-        fp_only=args.fp_only,
+        fp_only=args.fp_only, recon_iters=args.recon_iters, overwrite=args.overwrite,
+        keep_state=args.keep_state,
     )
+
+
+def _start(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    run(_options(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run; user errors exit non-zero with a one-line message naming the culprit."""
-    return run_cli("test_quant_video.py", _parser().parse_args(argv), lambda args: run(_options(args)),
-                   UserError)
+    quiet_third_party()
+    return run_cli("test_quant_video.py", _parser().parse_args(argv), _start)
 
 
 if __name__ == "__main__":

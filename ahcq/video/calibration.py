@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ahcq.models.sam2_roles import sam2_big_sites
+from ahcq.progress import progress_bar
 from ahcq.quantization import api
 from ahcq.quantization.config import QConfig
 from ahcq.solver.calibration import apply_big
@@ -58,7 +58,7 @@ def calibrate(predictor: nn.Module, clips: Sequence[CalibrationClip],
     if not clips:
         raise ValueError("calibrate: no calibration clips")
     with api.calibrating(predictor):
-        for clip in tqdm(clips, desc="calibration", unit="video", disable=not progress):
+        for clip in progress_bar(clips, desc="calibration", unit="video", disable=not progress):
             track_clip(predictor, clip, options)
 
 

@@ -18,8 +18,8 @@ from typing import Protocol
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
-from tqdm.auto import tqdm
 
+from ahcq.progress import progress_bar
 from ahcq.video.datasets import Layout, VideoSample, read_label_png
 
 OFFICIAL_BOUNDARY = 0.008
@@ -283,7 +283,7 @@ def evaluate(samples: Sequence[VideoSample], predictions: Predictions | Path | s
     source = _as_source(predictions)
     pooled: list[tuple[float, float]] = []
     per_object: dict[tuple[str, int], tuple[float, float]] = {}
-    for sample in tqdm(samples, desc="J&F", unit="video", disable=not progress, leave=False):
+    for sample in progress_bar(samples, desc="J&F", unit="video", disable=not progress, leave=False):
         _evaluate_video(sample, source, pooled, per_object)
     if not pooled and not per_object:
         raise ValueError("nothing to score: no object has an annotated frame left after skipping")

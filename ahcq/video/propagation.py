@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ahcq.progress import progress_bar
 from ahcq.video.datasets import VideoSample
 
 __all__ = [
@@ -113,7 +113,7 @@ def predict_videos(predictor: nn.Module, samples: Sequence[VideoSample],
                    desc: str = "tracking") -> dict[str, FrameMasks]:
     """Predictions of every video, in the in-memory form ``ahcq.video.metrics.evaluate`` scores."""
     return {s.name: track_sample(predictor, s, options)
-            for s in tqdm(samples, desc=desc, unit="video", disable=not progress)}
+            for s in progress_bar(samples, desc=desc, unit="video", disable=not progress)}
 
 
 @dataclass

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ahcq.progress import progress_bar
 from ahcq.quantization import api
 from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
 from ahcq.solver.recon_capture import module_device, to_device
@@ -212,7 +212,7 @@ def reconstruct_video(predictor: nn.Module, settings: ReconSettings, clips: Sequ
         if isinstance(q, AdaRoundQuantizer) and id(q) not in inside and not q.is_hard:
             q.harden()  # never trained: round to nearest before it feeds the first unit
     reports: list[UnitReport] = []
-    for k in tqdm(range(resumed, len(video_units)), desc="reconstruction", disable=not progress,
+    for k in progress_bar(range(resumed, len(video_units)), desc="reconstruction", disable=not progress,
                   initial=resumed, total=len(video_units)):
         video_unit = video_units[k]
         unit = video_unit.unit

@@ -26,7 +26,7 @@ def test_tiny_sam_takes_its_sizes_from_the_checkpoints_sidecar(tmp_path):
     reference = small_sam(seed=4)
     path = tmp_path / "tiny_sam.pth"
     torch.save(reference.state_dict(), path)
-    with pytest.raises(RuntimeError):  # default sizes do not fit these weights
+    with pytest.raises(ValueError, match="is not a tiny SAM of these sizes"):  # default sizes do not fit
         SAM_BUILDERS.build(dict(type="TinySAM", checkpoint=str(path)))
     path.with_suffix(".json").write_text(json.dumps({"build_args": SMALL_SAM, "seed": 4}))
     loaded = SAM_BUILDERS.build(dict(type="TinySAM", checkpoint=str(path)))

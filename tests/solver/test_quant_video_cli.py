@@ -159,6 +159,37 @@ def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path, capsys) -> N
     _fails(["--config", "not_a_model", "--fp-only"], capsys, "not_a_model", out)
 
 
+def test_video_reruns_are_refused_or_resumed_like_image_runs(setup, tmp_path, monkeypatch) -> None:
+    """The run identity of the image CLI: another seed into a finished --out is refused before any work, the
+    same command reports the finished run, and an interrupted reconstruction resumes to the same result."""
+    from ahcq.solver import recon_loop
+
+    args = ["--q_config", str(setup["qconfig"]), "--seed", "3", "--recon-iters", "1"]
+    whole = _run(setup, tmp_path / "whole", *args)
+    assert whole["overrides"] == {"recon_iters": 1} and whole["identity"]["seed"] == 3
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(setup["config"]), "--out", str(tmp_path / "whole"), *args[:2], "--seed", "4",
+              "--recon-iters", "1"])
+    assert "differs: " in str(exc.value.code) and "seed" in str(exc.value.code)
+    assert _run(setup, tmp_path / "whole", *args) == whole  # same inputs: nothing to do
+    real, calls = recon_loop.reconstruct_unit, {"n": 0}
+
+    def interrupt_fifth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr("ahcq.video.reconstruction.reconstruct_unit", interrupt_fifth)
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(setup["config"]), "--out", str(tmp_path / "cut"), *args])
+    assert exc.value.code == 130 and (tmp_path / ".cut.partial" / "recon_state").is_dir()
+    monkeypatch.setattr("ahcq.video.reconstruction.reconstruct_unit", real)
+    resumed = _run(setup, tmp_path / "cut", *args)
+    assert resumed["calibration"]["reconstruction"]["resumed_at"] == 4
+    assert resumed["quant"] == whole["quant"] and resumed["fp"] == whole["fp"]
+
+
 CONFIGS = sorted((REPO / "projects" / "configs" / "sam2").glob("sam2.1_hiera_*.yaml"))
 CKPT_NAMES = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
 

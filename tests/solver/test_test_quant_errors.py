@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ahcq.data.coco_io import categories
 from ahcq.data.shapes import CATEGORIES
@@ -25,13 +27,18 @@ SIZE_OPTIONS = [f"model.sam.{k}={list(v) if isinstance(v, tuple) else v}".replac
 
 @pytest.fixture
 def demo_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A one-image demo set and a random tiny SAM checkpoint, wired in through the demo config's variables."""
+    """A one-image demo set (one annotation in val, none in train) and a random tiny SAM checkpoint, wired in
+    through the demo config's variables."""
     root = tmp_path / "demo"
     images = [{"id": 1, "file_name": "a.png", "height": 32, "width": 32}]
-    for split in ("train", "val"):
+    box = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 10, 10], "area": 100, "iscrowd": 0,
+           "segmentation": [[4, 4, 14, 4, 14, 14, 4, 14]]}
+    for split, anns in (("train", []), ("val", [box])):
         (root / "annotations").mkdir(parents=True, exist_ok=True)
         (root / "annotations" / f"instances_{split}.json").write_text(
-            json.dumps({"images": images, "annotations": [], "categories": categories(CATEGORIES)}))
+            json.dumps({"images": images, "annotations": anns, "categories": categories(CATEGORIES)}))
+        (root / split).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / split / "a.png")
     torch.manual_seed(0)
     torch.save(build_tiny_sam(**SIZES).state_dict(), tmp_path / "tiny_sam.pth")
     monkeypatch.setenv("AHCQ_DEMO_ROOT", str(root))
@@ -97,8 +104,8 @@ def test_calibration_split_without_annotations_is_refused(demo_env: Path):
 
 
 def test_checkpoint_of_another_model_is_reported_briefly(demo_env: Path):
-    _fails(["--config", str(DEMO), "--out", str(demo_env / "out")], "TinySAM", "loading state_dict",
-           "tiny_sam_oracle.py")
+    _fails(["--config", str(DEMO), "--out", str(demo_env / "out")], "TinySAM",
+           "is not a tiny SAM of these sizes", "tiny_sam_oracle.py")
 
 
 @pytest.mark.parametrize(

@@ -32,3 +32,5 @@ model = dict(
     box_chunk=32,
     use_box_score=False,
 )
+# what test_quant.py runs with this config unless told otherwise: the demo's recipe, encoder quantized
+ahcq_defaults = dict(q_config="exp/demo.yaml", quant_encoder=True)
