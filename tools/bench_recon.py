@@ -36,9 +36,9 @@ from segment_anything.modeling import (
 from ahcq.models.sam_quantize import quantize_sam
 from ahcq.quantization.api import calibrating, iter_quantizers, quantization_disabled
 from ahcq.quantization.config import load_qconfig
-from ahcq.solver.recon_cache import STORAGE_DTYPES
-from ahcq.solver.recon_loop import LossContext
-from ahcq.solver.reconstruction import ReconSettings, ReconUnit, reconstruct
+from ahcq.solver.recon import ReconSettings, ReconUnit, reconstruct
+from ahcq.solver.recon.cache import STORAGE_DTYPES
+from ahcq.solver.recon.train import LossContext
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_STEPS = 680_000

@@ -9,6 +9,7 @@ dotted key path and what is allowed, so a typo never silently falls back to a de
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +19,15 @@ from typing import Any
 import yaml
 
 from .dialects import ConfigWarning, apply_dialect
+from .quantizers.cag import GroupRange
 
 __all__ = [
     "ACNRConfig",
+    "ACNRError",
+    "BigTest",
+    "CacheDtype",
+    "LossAxis",
+    "ReconUnits",
     "AGQConfig",
     "AHCPTQConfig",
     "AttentionConfig",
@@ -94,6 +101,50 @@ class ConfigError(ValueError):
     """A quantization config is malformed or holds an unknown key or a bad value."""
 
 
+class ReconUnits(str, enum.Enum):
+    """Reconstruction granularity (``recon.units``)."""
+
+    BLOCKS = "blocks"  # attention / MLP sub-blocks: BRECQ, QDrop, PTQ4SAM, AHCPTQ
+    LAYERS = "layers"  # whole ViT blocks and whole two-way layers: AHCQ-SAM
+    STAGES = "stages"  # encoder stages closed by a global block, whole two-way layers: SAQ-SAM
+
+
+class CacheDtype(str, enum.Enum):
+    """Storage type of the reconstruction cache (``recon.cache_dtype``)."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+    @property
+    def torch(self) -> Any:
+        import torch
+
+        return getattr(torch, self.value)
+
+
+class LossAxis(str, enum.Enum):
+    """The axis the reconstruction loss sums over (``recon.loss_axis``)."""
+
+    CHANNELS = "channels"  # each unit's declared channel axis (ours)
+    AXIS1 = "axis1"  # dim 1 whatever it holds (PTQ4SAM, AHCPTQ, AHCQ-SAM)
+    LAST = "last"  # the last dim (SAQ-SAM)
+
+
+class ACNRError(str, enum.Enum):
+    """What ACNR conditions a layer against (``acnr.error``)."""
+
+    ACCUMULATED = "accumulated"  # original float input minus the quantized chain's input (AHCQ-SAM code)
+    LOCAL = "local"  # the layer's own input quantization error on the float model
+
+
+class BigTest(str, enum.Enum):
+    """Which key activations BIG's density test sees (``ptq4sam.big_test``)."""
+
+    POOLED = "pooled"  # the first calibration images, all boxes
+    FIRST_BOX = "first_box"  # the first box of the first image (PTQ4SAM code)
+
+
 class _Bad(Exception):
     """Raised by a value check; carries the 'expected ...' phrase for the message."""
 
@@ -154,6 +205,19 @@ def _real(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bo
         if hi is not None and (x > hi or (hi_open and x == hi)):
             raise _Bad(phrase)
         return x
+
+    return check
+
+
+def _enum(cls: type[enum.Enum]) -> Check:
+    """A string spelling one of ``cls``'s values, read as that member."""
+    phrase = "one of " + ", ".join(m.value for m in cls)
+
+    def check(v: Any) -> enum.Enum:
+        try:
+            return cls(v)
+        except ValueError:
+            raise _Bad(phrase) from None
 
     return check
 
@@ -296,12 +360,12 @@ class ReconConfig:
     b_range: tuple[float, float] = _opt((20.0, 2.0), _seq(_real(0.0, lo_open=True), "2 positive numbers", 2))
     round_mode: str = _opt("learned_hard_sigmoid", _choice(("learned_hard_sigmoid",)))
     drop_prob: float = _opt(0.5, _real(0.0, 1.0))
-    units: str = _opt("blocks", _choice(("blocks", "layers", "stages")))
+    units: ReconUnits = _opt(ReconUnits.BLOCKS, _enum(ReconUnits))
     early_stop: EarlyStopConfig | None = field(default=None, metadata={"section": EarlyStopConfig})
     qdrop: bool = _opt(True, _boolean)
-    cache_dtype: str = _opt("float32", _choice(("float32", "float16", "bfloat16")))
+    cache_dtype: CacheDtype = _opt(CacheDtype.FLOAT32, _enum(CacheDtype))
     act_quant: bool = _opt(True, _boolean)
-    loss_axis: str = _opt("channels", _choice(("channels", "axis1", "last")))
+    loss_axis: LossAxis = _opt(LossAxis.CHANNELS, _enum(LossAxis))
 
     @property
     def dropping(self) -> bool:
@@ -323,7 +387,7 @@ class PTQ4SAMConfig:
     peak_distance: int = _opt(32, _integer(1))
     peak_height: float = _opt(0.01, _real(0.0, 1.0))
     threshold: float = _opt(0.5, _real(0.0, 1.0, lo_open=True, hi_open=True))
-    big_test: str = _opt("pooled", _choice(("pooled", "first_box")))
+    big_test: BigTest = _opt(BigTest.POOLED, _enum(BigTest))
 
 
 @dataclass(frozen=True)
@@ -353,7 +417,7 @@ class ACNRConfig:
     min_cond: float = _opt(100.0, _real(1.0))
     target: str = _opt("mean", _choice(("mean", "median", "midrange")))
     calib: int = _opt(32, _integer(1))
-    error: str = _opt("accumulated", _choice(("accumulated", "local")))
+    error: ACNRError = _opt(ACNRError.ACCUMULATED, _enum(ACNRError))
 
 
 @dataclass(frozen=True)
@@ -420,7 +484,7 @@ class CAGConfig:
     clips the wider members of every group)."""
 
     groups: int | None = _opt(None, _optional(_integer(1)))
-    group_range: str = _opt("envelope", _choice(("envelope", "mean")))
+    group_range: GroupRange = _opt(GroupRange.ENVELOPE, _enum(GroupRange))
     regroup_fractions: tuple[float, ...] = _opt((0.2, 0.4, 0.6, 0.8), _FRACTIONS)
     apply_to_weights: bool = _opt(False, _boolean)
     weight_groups: int = _opt(32, _integer(1))
@@ -495,6 +559,8 @@ _SPEC_FIELDS = ("a_qconfig", "w_qconfig", "encoder_a_qconfig", "encoder_w_qconfi
 
 
 def _to_plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
     if dataclasses.is_dataclass(value):
         fields = dataclasses.fields(value)
         return {f.metadata.get("key") or f.name: _to_plain(getattr(value, f.name)) for f in fields}

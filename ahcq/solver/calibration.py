@@ -43,7 +43,7 @@ from ahcq.quantization.api import (
     quantization_disabled,
     set_mode,
 )
-from ahcq.quantization.config import ACNRConfig, QConfig
+from ahcq.quantization.config import ACNRConfig, ACNRError, BigTest, QConfig
 from ahcq.quantization.layers import QuantConv2d, QuantLinear
 from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode
 from ahcq.quantization.quantizers.weight_groups import group_weight_grid
@@ -118,7 +118,7 @@ def apply_big(
     (``ptq4sam.big_test: pooled``) or taken from the first box of the first sample (``first_box``).
     """
     sites = big_sites(sam) if sites is None else sites
-    first_box = qconfig.ptq4sam.big_test == "first_box"
+    first_box = qconfig.ptq4sam.big_test is BigTest.FIRST_BOX
     generator = torch.Generator().manual_seed(qconfig.seed)
     stats = {name: _KeyStats(generator, first_box) for name, _ in sites}
     hooks = [attn.k_proj.register_forward_hook(stats[name]) for name, attn in sites]
@@ -239,7 +239,7 @@ def condition_linears(
     order; ``{layer: {cond_before, cond_after, skipped}}``. See the module docstring for ``cfg.error``."""
     layers = _conditionable(sam)
     samples = samples[: cfg.calib]
-    local = _local_moments(sam, layers, samples, forward) if cfg.error == "local" else {}
+    local = _local_moments(sam, layers, samples, forward) if cfg.error is ACNRError.LOCAL else {}
     report = {}
     for name, layer in progress_bar(layers, desc="ACNR", unit="layer"):
         cond = _condition_number(layer)

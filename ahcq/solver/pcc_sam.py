@@ -32,8 +32,8 @@ from ahcq.quantization.config import QConfig
 from ahcq.quantization.primitives import qparams_from_minmax
 from ahcq.quantization.quantizers import CAGQuantizer, Mode, Quantizer, UniformQuantizer
 from ahcq.quantization.transforms.pcc import ClipResult, search_clip_sequential
-from ahcq.solver.recon_sam import prepare_samples
-from ahcq.solver.recon_sam_units import Prompted
+from ahcq.solver.recon.sam import prepare_samples
+from ahcq.solver.recon.sam_units import Prompted
 
 __all__ = ["PCC_POINTS", "apply_pcc", "decoder_attentions"]
 

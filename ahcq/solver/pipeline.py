@@ -41,7 +41,7 @@ from ahcq.solver.cli import Interrupted, UserError
 from ahcq.solver.evaluation import NonFiniteOutput, build_split, evaluate, pipeline_items
 from ahcq.solver.feature_cache import CachedImage, CacheStats, FeatureCache, module_fingerprint, run_key
 from ahcq.solver.pcc_sam import apply_pcc
-from ahcq.solver.recon_sam import reconstruct_sam
+from ahcq.solver.recon.sam import reconstruct_sam
 from ahcq.solver.results import format_table, write_json
 from ahcq.solver.run_checks import (
     RunInputError,

@@ -34,10 +34,11 @@ from hydra.errors import HydraException
 
 from ahcq.models.sam2 import quantize_sam2
 from ahcq.models.sam2_checkpoint import build_sam2_model, load_sam2, reduced_overrides, resolve_config
-from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
+from ahcq.quantization.config import ConfigError, QConfig, ReconUnits, load_qconfig
 from ahcq.solver.calibration import condition_linears, group_weights, switch_to_evaluation
 from ahcq.solver.cli import Interrupted, UserError, add_run_arguments, positive, quiet_third_party, run_cli
-from ahcq.solver.reconstruction import ReconSettings
+from ahcq.solver.recon.sam2 import reconstruct_video
+from ahcq.solver.recon.settings import ReconSettings
 from ahcq.solver.results import RESULTS_NAME, write_json
 from ahcq.solver.run_identity import RunFolder, RunMismatch, code_version, digest, weights_digest
 from ahcq.solver.seeding import seed_everything
@@ -45,7 +46,6 @@ from ahcq.video import VOSReport, evaluate, read_dataset
 from ahcq.video.calibration import apply_big_sam2, calibrate, select_clips, track_clip
 from ahcq.video.fixtures import make_moving_shapes_clip
 from ahcq.video.propagation import TrackedPredictions, TrackOptions
-from ahcq.video.reconstruction import reconstruct_video
 
 logger = logging.getLogger("test_quant_video")
 REPO = Path(__file__).resolve().parents[2]
@@ -173,7 +173,7 @@ def _load_qconfig(opts: VideoRunOptions) -> QConfig | None:
     if bad:
         raise UserError(f"--q_config {opts.q_config}: {', '.join(bad)} is not available in the video "
                         "pipeline (SAM-only steps); switch it off for SAM2")
-    if qconfig.recon.enabled and qconfig.recon.units == "stages":
+    if qconfig.recon.enabled and qconfig.recon.units is ReconUnits.STAGES:
         raise UserError(f"--q_config {opts.q_config}: recon.units 'stages' is not defined for SAM2; use "
                         "'blocks' or 'layers'")
     if qconfig.recon.enabled and qconfig.recon.batch_size != 1:
@@ -259,8 +259,9 @@ def _quantize(predictor: torch.nn.Module, qconfig: QConfig, clips: list, options
     timer["calibration"] = time.perf_counter() - start
     if qconfig.recon.enabled:
         start = time.perf_counter()
+        whole = qconfig.recon.units is ReconUnits.LAYERS
         report["reconstruction"] = reconstruct_video(predictor, ReconSettings.from_qconfig(qconfig), clips,
-                                                     options, whole_layers=qconfig.recon.units == "layers",
+                                                     options, whole_layers=whole,
                                                      state_dir=staging / "recon_state")
         timer["reconstruction"] = time.perf_counter() - start
     switch_to_evaluation(predictor)

@@ -4,7 +4,7 @@ Calibration follows the AHCQ-SAM SAM2 protocol: the model sees what it sees at e
 memories of the previous frames, object pointers), so every quantizer, including those of the memory
 attention and memory encoder, observes real tracking activations. ``track_clip`` is the one forward over a
 clip: ``calibrate`` runs it with every quantizer calibrating, ``apply_big_sam2`` (the SAM pipeline's
-``apply_big`` on the SAM2 sites) with hooks on the BIG key projections, and ``ahcq.video.reconstruction``
+``apply_big`` on the SAM2 sites) with hooks on the BIG key projections, and ``ahcq.solver.recon.sam2``
 with a hook on one unit, whose every call while tracking is a reconstruction sample.
 """
 from __future__ import annotations

@@ -13,10 +13,9 @@ from torch import nn
 from ahcq.quantization import api
 from ahcq.quantization.config import ACNRConfig
 from ahcq.solver.calibration import condition_linears
-from ahcq.solver.recon_cache import ActivationCache, ItemPlan
-from ahcq.solver.recon_capture import capture
-from ahcq.solver.recon_loop import ReconSettings
-from ahcq.solver.reconstruction import ReconUnit, reconstruct
+from ahcq.solver.recon import ReconSettings, ReconUnit, reconstruct
+from ahcq.solver.recon.cache import ActivationCache, ItemPlan
+from ahcq.solver.recon.capture import capture
 
 IN, OUT, TOKENS = 768, 2304, 96
 

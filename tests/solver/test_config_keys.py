@@ -30,8 +30,8 @@ from ahcq.quantization.config import ConfigError, ConfigWarning, parse_qconfig, 
 from ahcq.quantization.dialects import AHCQSAM_KEYS
 from ahcq.solver.calibration import calibrate
 from ahcq.solver.pipeline import calibration_choice, pcc_step, reconstruct_step
-from ahcq.solver.recon_loop import ReconSettings
-from ahcq.solver.recon_sam import box_cap, sam_chain
+from ahcq.solver.recon import ReconSettings
+from ahcq.solver.recon.sam import box_cap, sam_chain
 from ahcq.solver.test_quant_video import VideoRunOptions, _clips
 
 ACT = {"bit": 4, "quantizer": "lsq", "observer": "avg_minmax", "symmetric": False, "ch_axis": -1}

@@ -17,13 +17,13 @@ from ahcq.quantization import api
 from ahcq.quantization.config import load_qconfig, parse_qconfig
 from ahcq.quantization.quantizers import LSQQuantizer, Mode, Role
 from ahcq.solver.calibration import calibrate
-from ahcq.solver.recon_loop import ReconSettings, unit_loss
-from ahcq.solver.recon_sam import prepare_samples, reconstruct_sam, sam_chain
-from ahcq.solver.recon_units import tensor_leaves
+from ahcq.solver.recon import ReconSettings, unit_loss
+from ahcq.solver.recon.sam import prepare_samples, reconstruct_sam, sam_chain
+from ahcq.solver.recon.sam2 import sam2_units, unit_samples
+from ahcq.solver.recon.units import tensor_leaves
 from ahcq.video.calibration import CalibrationClip
 from ahcq.video.calibration import calibrate as calibrate_video
 from ahcq.video.propagation import DEFAULT_TRACKING
-from ahcq.video.reconstruction import sam2_units, unit_samples
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ from test_test_quant import SIZES, _run, _size_options, make_demo_data
 from ahcq.models.sam_quantize import quantize_sam
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.quantization.config import load_qconfig
-from ahcq.solver.recon_sam import FINAL_ITERS_FACTOR, sam_chain
+from ahcq.solver.recon.sam import FINAL_ITERS_FACTOR, sam_chain
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("brecq", "qdrop", "ptq4sam", "ahcptq", "saqsam", "ahcqsam")

@@ -162,7 +162,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path, capsys) -> N
 def test_video_reruns_are_refused_or_resumed_like_image_runs(setup, tmp_path, monkeypatch) -> None:
     """The run identity of the image CLI: another seed into a finished --out is refused before any work, the
     same command reports the finished run, and an interrupted reconstruction resumes to the same result."""
-    from ahcq.solver import recon_loop
+    from ahcq.solver.recon import train as recon_loop
 
     args = ["--q_config", str(setup["qconfig"]), "--seed", "3", "--recon-iters", "1"]
     whole = _run(setup, tmp_path / "whole", *args)
@@ -180,11 +180,11 @@ def test_video_reruns_are_refused_or_resumed_like_image_runs(setup, tmp_path, mo
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr("ahcq.video.reconstruction.reconstruct_unit", interrupt_fifth)
+    monkeypatch.setattr("ahcq.solver.recon.sam2.reconstruct_unit", interrupt_fifth)
     with pytest.raises(SystemExit) as exc:
         main(["--config", str(setup["config"]), "--out", str(tmp_path / "cut"), *args])
     assert exc.value.code == 130 and (tmp_path / ".cut.partial" / "recon_state").is_dir()
-    monkeypatch.setattr("ahcq.video.reconstruction.reconstruct_unit", real)
+    monkeypatch.setattr("ahcq.solver.recon.sam2.reconstruct_unit", real)
     resumed = _run(setup, tmp_path / "cut", *args)
     assert resumed["calibration"]["reconstruction"]["resumed_at"] == 4
     assert resumed["quant"] == whole["quant"] and resumed["fp"] == whole["fp"]

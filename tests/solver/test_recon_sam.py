@@ -22,8 +22,8 @@ from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
 from ahcq.solver.calibration import calibrate
 from ahcq.solver.feature_cache import CachedImage
 from ahcq.solver.pipeline import CalibSample
-from ahcq.solver.recon_sam import prepare_samples, reconstruct_sam, sam_chain
-from ahcq.solver.recon_sam_units import EncoderStageUnit
+from ahcq.solver.recon.sam import prepare_samples, reconstruct_sam, sam_chain
+from ahcq.solver.recon.sam_units import EncoderStageUnit
 from projects.instance_segment_anything.detector import SamSample
 from projects.instance_segment_anything.prompts.base import Prompts
 from projects.instance_segment_anything.sam_runner import decode_boxes, prepare_image

@@ -12,7 +12,7 @@ from ahcq.quantization.primitives import qparams_from_minmax
 from ahcq.quantization.quantizers import Mode
 from ahcq.quantization.transforms.pcc import iou_distance
 from ahcq.solver.pcc_sam import PCC_POINTS, apply_pcc, decoder_attentions
-from ahcq.solver.recon_sam import prepare_samples, sam_chain
+from ahcq.solver.recon.sam import prepare_samples, sam_chain
 
 SITE = "mask_decoder.transformer.layers.0.cross_attn_token_to_image"
 

@@ -12,8 +12,8 @@ from test_reconstruction_helpers import calibration_data, make_model
 from ahcq.quantization.api import NotFullyQuantizedError, assert_fully_quantized, iter_quantizers
 from ahcq.quantization.config import ConfigError, load_qconfig, parse_qconfig
 from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode, Role
-from ahcq.solver.recon_loop import LossContext, _regroup
-from ahcq.solver.reconstruction import ReconSettings, reconstruct, units_from_names
+from ahcq.solver.recon import ReconSettings, reconstruct, units_from_names
+from ahcq.solver.recon.train import LossContext, _regroup
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = ["blocks.0", "blocks.1", "blocks.2"]

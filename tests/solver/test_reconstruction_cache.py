@@ -18,9 +18,9 @@ from ahcq.quantization.api import (
 )
 from ahcq.quantization.layers import QuantMatMul
 from ahcq.quantization.quantizers import Role
-from ahcq.solver.recon_cache import ActivationCache, ItemPlan, compact_copy, nbytes
-from ahcq.solver.recon_capture import capture
-from ahcq.solver.reconstruction import ReconSettings, reconstruct, units_from_names
+from ahcq.solver.recon import ReconSettings, reconstruct, units_from_names
+from ahcq.solver.recon.cache import ActivationCache, ItemPlan, compact_copy, nbytes
+from ahcq.solver.recon.capture import capture
 from ahcq.solver.seeding import (
     calibration_indices,
     capture_rng_state,

@@ -20,7 +20,7 @@ import torch
 from test_test_quant import SIZES, _run, _size_options, make_demo_data
 
 from ahcq.models.tiny_sam import build_tiny_sam
-from ahcq.solver import recon_loop
+from ahcq.solver.recon import train as recon_loop
 from ahcq.solver.test_quant import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(demo_env, tmp_pa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("ahcq.solver.reconstruction.reconstruct_unit", interrupt_third)
+    monkeypatch.setattr("ahcq.solver.recon.engine.reconstruct_unit", interrupt_third)
     stdout = io.StringIO()
     with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(stdout):
         main(_args(demo_env, out))
@@ -111,7 +111,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(demo_env, tmp_pa
     assert "run the same command again to resume" in stdout.getvalue()
     staging = tmp_path / ".interrupted.partial"
     assert (staging / "recon_state" / "recon_state.pt").is_file() and not out.exists()
-    monkeypatch.setattr("ahcq.solver.reconstruction.reconstruct_unit", real)
+    monkeypatch.setattr("ahcq.solver.recon.engine.reconstruct_unit", real)
     resumed = _run(_args(demo_env, out))
     assert resumed["calibration"]["reconstruction"]["report"]["resumed_at"] == 2
     assert resumed["quant"] == whole["quant"] and resumed["fp"] == whole["fp"]

@@ -10,12 +10,12 @@ from ahcq.models.sam2_checkpoint import build_sam2_model
 from ahcq.quantization import api
 from ahcq.quantization.config import parse_qconfig
 from ahcq.quantization.quantizers import Mode
+from ahcq.solver.recon.sam2 import record_calls
 from ahcq.solver.seeding import calibration_indices
 from ahcq.video import read_sav
 from ahcq.video.calibration import CalibrationClip, calibrate, select_clips
 from ahcq.video.fixtures import make_moving_shapes_clip
 from ahcq.video.propagation import DEFAULT_TRACKING
-from ahcq.video.reconstruction import record_calls
 
 W8A8 = {"a_qconfig": {"bit": 8}, "w_qconfig": {"bit": 8, "quantizer": "fixed", "observer": "minmax"},
         "recon": {"enabled": False}}

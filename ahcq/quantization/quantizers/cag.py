@@ -23,6 +23,8 @@ whichever channel or group held it before.
 """
 from __future__ import annotations
 
+import enum
+
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
@@ -31,7 +33,14 @@ from ..primitives import expand_groups, qparams_from_minmax, qrange
 from .base import Role
 from .uniform import LSQQuantizer
 
-__all__ = ["CAGQuantizer", "cluster_grids", "progressive_schedule"]
+__all__ = ["CAGQuantizer", "GroupRange", "cluster_grids", "progressive_schedule"]
+
+
+class GroupRange(str, enum.Enum):
+    """How a group's range comes from its members' ranges."""
+
+    ENVELOPE = "envelope"  # the lowest lo to the highest hi: no member is clipped (ours)
+    MEAN = "mean"  # the mean of the members' ends: the mean member scale (the references)
 
 
 def progressive_schedule(groups: int = 4) -> list[int]:
@@ -43,7 +52,7 @@ def progressive_schedule(groups: int = 4) -> list[int]:
 
 def cluster_grids(
     scale: torch.Tensor, zero_point: torch.Tensor, k: int, bits: int, symmetric: bool, *, seed: int = 0,
-    n_init: int = 10, group_range: str = "mean",
+    n_init: int = 10, group_range: GroupRange | str = GroupRange.MEAN,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K-means of per-channel grids ``[C]`` into at most ``k`` groups (see the module docstring).
 
@@ -62,15 +71,13 @@ def cluster_grids(
     index = torch.unique(index, return_inverse=True)[1]  # K-means may leave clusters empty
     used = int(index.max()) + 1
     counts = torch.bincount(index, minlength=used).to(lo.dtype)
-    if group_range == "envelope":
+    if GroupRange(group_range) is GroupRange.ENVELOPE:
         empty = torch.zeros(used, device=lo.device)
         group_lo = empty.scatter_reduce(0, index, lo, "amin", include_self=False)
         group_hi = empty.scatter_reduce(0, index, hi, "amax", include_self=False)
-    elif group_range == "mean":
+    else:
         group_lo = torch.zeros(used, device=lo.device).index_add_(0, index, lo) / counts
         group_hi = torch.zeros(used, device=lo.device).index_add_(0, index, hi) / counts
-    else:
-        raise ValueError(f"cluster_grids: group_range must be 'envelope' or 'mean', got {group_range!r}")
     group_scale, group_zp = qparams_from_minmax(group_lo.cpu(), group_hi.cpu(), bits, symmetric)
     return index, group_scale.to(scale.device), group_zp.round().to(scale.device, torch.int32)
 
@@ -91,7 +98,7 @@ class CAGQuantizer(LSQQuantizer):
         groups: int | None = 4,
         seed: int = 0,
         n_init: int = 10,
-        group_range: str = "envelope",
+        group_range: GroupRange | str = GroupRange.ENVELOPE,
         name: str = "",
     ) -> None:
         if ch_axis not in (None, -1):
@@ -102,10 +109,11 @@ class CAGQuantizer(LSQQuantizer):
         self.target_groups = groups
         self.seed = seed
         self.n_init = n_init
-        if group_range not in ("envelope", "mean"):
+        try:
+            self.group_range = GroupRange(group_range)
+        except ValueError:
             raise ValueError(f"quantizer {name!r}: group_range must be 'envelope' or 'mean', "
-                             f"got {group_range!r}")
-        self.group_range = group_range
+                             f"got {group_range!r}") from None
         self.register_buffer("group_index", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("groups", torch.tensor(1, dtype=torch.int64))
 

@@ -9,16 +9,15 @@ uninterrupted one would have drawn.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from .recon_loop import ReconSettings
-from .seeding import capture_rng_state, restore_rng_state
+from ahcq.solver.seeding import capture_rng_state, restore_rng_state
+
+from .settings import ReconSettings
 
 __all__ = ["STATE_FILE", "load_state", "save_state"]
 
@@ -26,8 +25,6 @@ STATE_FILE = "recon_state.pt"
 FORMAT = 1
 
 
-def _settings_dict(settings: ReconSettings) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
 
 
 def save_state(directory: str | Path, model: nn.Module, next_unit: int, unit_names: list[str],
@@ -41,7 +38,7 @@ def save_state(directory: str | Path, model: nn.Module, next_unit: int, unit_nam
         "format": FORMAT,
         "next_unit": next_unit,
         "unit_names": list(unit_names),
-        "settings": _settings_dict(settings),
+        "settings": settings.as_dict(),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "rng": capture_rng_state(),
     }
@@ -70,7 +67,7 @@ def load_state(directory: str | Path, model: nn.Module, unit_names: list[str],
         raise ValueError(f"{path}: unknown reconstruction state format {payload.get('format')!r}")
     if payload["unit_names"] != list(unit_names):
         raise ValueError(f"{path}: saved for units {payload['unit_names']}, not {list(unit_names)}")
-    saved, wanted = payload["settings"], _settings_dict(settings)
+    saved, wanted = payload["settings"], settings.as_dict()
     changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if changed:
         raise ValueError(f"{path}: saved with other settings ({', '.join(changed)}); "

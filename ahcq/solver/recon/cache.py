@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from .recon_units import map_tensors, tensor_leaves
-from .seeding import stream
+from ahcq.solver.seeding import stream
 
-__all__ = ["STORAGE_DTYPES", "ActivationCache", "ItemPlan", "compact_copy", "nbytes", "select_items"]
+from .units import map_tensors, tensor_leaves
 
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["ActivationCache", "ItemPlan", "compact_copy", "nbytes", "select_items"]
+
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def compact_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -120,8 +121,8 @@ class ActivationCache:
                  storage_dtype: torch.dtype = torch.float32) -> None:
         if max_bytes < 0:
             raise ValueError(f"ActivationCache: max_bytes must be >= 0, got {max_bytes}")
-        if storage_dtype not in STORAGE_DTYPES.values():
-            raise ValueError(f"ActivationCache: storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got "
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"ActivationCache: storage_dtype must be one of {list(STORAGE_DTYPES)}, got "
                              f"{storage_dtype}")
         self.max_bytes = int(max_bytes)
         self.storage_dtype = storage_dtype

@@ -1,10 +1,10 @@
 """Block reconstruction of a calibrated, quantized model, unit by unit (BRECQ, QDrop, AHCPTQ, SAQ-SAM).
 
-``reconstruct`` is model-agnostic: the caller gives the units in forward order (``recon_units``), the
+``reconstruct`` is model-agnostic: the caller gives the units in forward order (``units``), the
 calibration samples and how to run the model on one. The model runs once in float to fill the activation
-cache (``recon_capture``); each unit is then trained on its cached inputs (``recon_loop``), hardened, and
+cache (``capture``); each unit is then trained on its cached inputs (``train``), hardened, and
 run once to make the next unit's quantized inputs. With ``state_dir`` the run saves after every unit and an
-interrupted run resumes from the last finished unit with the same final state (``recon_state``); the saved
+interrupted run resumes from the last finished unit with the same final state (``state``); the saved
 state holds the calibration too, so the resuming process only needs the quantized (uncalibrated) model.
 AdaRound weights that belong to no unit are rounded to nearest at the start (never left soft).
 
@@ -28,15 +28,16 @@ from torch import nn
 from ahcq.progress import progress_bar
 from ahcq.quantization.api import activations_off, assert_fully_quantized, iter_quantizers, set_mode
 from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
+from ahcq.solver.seeding import seed_everything
 
-from .recon_cache import STORAGE_DTYPES, ActivationCache, ItemPlan
-from .recon_capture import CaptureIndex, capture, module_device, propagate, release, to_device
-from .recon_loop import ExtraLoss, ReconSettings, UnitReport, reconstruct_unit
-from .recon_state import load_state, save_state
-from .recon_units import Inputs, ReconUnit, units_from_names
-from .seeding import seed_everything
+from .cache import ActivationCache, ItemPlan
+from .capture import CaptureIndex, capture, module_device, propagate, release, to_device
+from .settings import ReconSettings
+from .state import load_state, save_state
+from .train import ExtraLoss, UnitReport, reconstruct_unit
+from .units import Inputs, ReconUnit
 
-__all__ = ["ReconResult", "ReconSettings", "ReconUnit", "default_forward", "reconstruct", "units_from_names"]
+__all__ = ["ReconResult", "default_forward", "reconstruct"]
 
 UnitCallback = Callable[[int, ReconUnit, UnitReport], None]
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def reconstruct(
         assert_fully_quantized(model)
         return result
     plan = ItemPlan(settings.seed, settings.max_items, settings.chunk_items)
-    storage = STORAGE_DTYPES[settings.cache_dtype]
+    storage = settings.cache_dtype.torch
     floats = activations_off(model) if not settings.act_quant else contextlib.nullcontext()
     with ActivationCache(int(max_cache_gb * 2**30), cache_dir, storage) as cache, floats:
         index = capture(model, units, samples, forward, cache, plan, progress)

@@ -2,7 +2,7 @@
 
 ``recon.units: blocks`` (BRECQ / QDrop / PTQ4SAM / AHCPTQ granularity): each encoder block's attention and
 MLP sub-block, the neck, each two-way layer's four sub-blocks and the final token->image attention (see
-``recon_sam_units`` for each unit's exact input and output). ``recon.units: layers`` (AHCQ-SAM): each whole
+``sam_units`` for each unit's exact input and output). ``recon.units: layers`` (AHCQ-SAM): each whole
 encoder block, the neck, each whole two-way layer and the final attention. ``recon.units: stages``
 (SAQ-SAM): encoder stages closed by global-attention blocks, the neck, whole two-way layers and the final
 attention (trained ``FINAL_ITERS_FACTOR`` times longer). With ``par.enabled`` a stage is compared after
@@ -29,9 +29,9 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from ahcq.quantization.api import iter_quantizers, quantization_disabled
-from ahcq.quantization.config import QConfig
-from ahcq.solver.recon_loop import UnitReport
-from ahcq.solver.recon_sam_units import (
+from ahcq.quantization.config import QConfig, ReconUnits
+from ahcq.solver.recon.engine import reconstruct
+from ahcq.solver.recon.sam_units import (
     DecoderLayerUnit,
     DecoderPart,
     EncoderAttnUnit,
@@ -43,8 +43,9 @@ from ahcq.solver.recon_sam_units import (
     decoder_inputs,
     encoder_stages,
 )
-from ahcq.solver.recon_units import Inputs, ReconUnit
-from ahcq.solver.reconstruction import ReconSettings, reconstruct
+from ahcq.solver.recon.settings import ReconSettings
+from ahcq.solver.recon.train import UnitReport
+from ahcq.solver.recon.units import Inputs, ReconUnit
 from ahcq.solver.seeding import stream
 
 __all__ = ["BLOCKS_MAX_BOXES", "FINAL_ITERS_FACTOR", "SamChain", "box_cap", "prepare_samples",
@@ -118,7 +119,7 @@ def sam_chain(sam: Sam, qconfig: QConfig, par: bool | None = None) -> SamChain:
     ``par`` (default ``par.enabled`` with stages): PAR's float tails; without them each module of the model
     runs exactly once per forward of the chain.
     """
-    stages, whole = qconfig.recon.units == "stages", qconfig.recon.units == "layers"
+    stages, whole = qconfig.recon.units is ReconUnits.STAGES, qconfig.recon.units is ReconUnits.LAYERS
     par = stages and (qconfig.par.enabled if par is None else par)
     iters_cams = qconfig.recon.iters_cams if qconfig.recon.iters_cams != qconfig.recon.iters else None
     enc, transformer = sam.image_encoder, sam.mask_decoder.transformer
@@ -224,7 +225,7 @@ def reconstruct_sam(
     result = reconstruct(sam, chain.units, prepared, settings, chain, max_cache_gb=max_cache_gb,
                          state_dir=state_dir, on_unit_end=on_unit_end, progress=progress)
     return {
-        "granularity": qconfig.recon.units,
+        "granularity": qconfig.recon.units.value,
         "par": {"alpha": p.alpha, "beta": p.beta, "query_weight": p.query_weight} if chain.par else None,
         "max_boxes": cap,
         "boxes_per_image": kept,

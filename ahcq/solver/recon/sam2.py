@@ -12,7 +12,7 @@ inputs are recorded by tracking the calibration clips twice per unit: once with 
 quantized (the units before it reconstructed, the ones after it on round-to-nearest weights) for its
 quantized inputs, once with ``api.quantization_disabled`` (the original float model, before any ACNR) for
 its float inputs and targets. Every call while tracking is one sample; the prompt frames are tracked too.
-The unit is then trained by the generic loop (``recon_loop.reconstruct_unit``) and hardened. With
+The unit is then trained by the generic loop (``train.reconstruct_unit``) and hardened. With
 ``state_dir`` the predictor is saved after every unit and an interrupted run resumes after the last one.
 """
 from __future__ import annotations
@@ -29,10 +29,11 @@ from torch import nn
 from ahcq.progress import progress_bar
 from ahcq.quantization import api
 from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
-from ahcq.solver.recon_capture import module_device, to_device
-from ahcq.solver.recon_loop import ReconSettings, UnitReport, reconstruct_unit
-from ahcq.solver.recon_state import load_state, save_state
-from ahcq.solver.recon_units import Inputs, ReconUnit, adaround_quantizers
+from ahcq.solver.recon.capture import module_device, to_device
+from ahcq.solver.recon.settings import ReconSettings
+from ahcq.solver.recon.state import load_state, save_state
+from ahcq.solver.recon.train import UnitReport, reconstruct_unit
+from ahcq.solver.recon.units import Inputs, ReconUnit, adaround_quantizers
 from ahcq.solver.seeding import seed_everything
 from ahcq.video.calibration import CalibrationClip, detached, track_clip
 from ahcq.video.propagation import DEFAULT_TRACKING, TrackOptions

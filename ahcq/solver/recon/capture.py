@@ -21,8 +21,8 @@ from ahcq.progress import progress_bar
 from ahcq.quantization.api import iter_quantizers, quantization_disabled
 from ahcq.quantization.quantizers import Mode
 
-from .recon_cache import ActivationCache, ItemPlan
-from .recon_units import Inputs, ReconUnit, map_tensors, tensor_leaves
+from .cache import ActivationCache, ItemPlan
+from .units import Inputs, ReconUnit, map_tensors, tensor_leaves
 
 __all__ = ["CaptureIndex", "capture", "module_device", "propagate", "release", "to_device"]
 

@@ -1,4 +1,4 @@
-"""Optimisation of one reconstruction unit (BRECQ / QDrop / AHCPTQ recipe) and its settings.
+"""Optimisation of one reconstruction unit (BRECQ / QDrop / AHCPTQ recipe).
 
 Two Adams: AdaRound logits at ``weight_lr`` (constant), every other learnable quantizer parameter (LSQ,
 CAG group, HLUQ ``s1``/``s2``, AGQ scales) at ``scale_lr`` with one cosine schedule over the unit's steps.
@@ -30,6 +30,7 @@ import torch
 
 from ahcq.progress import progress_bar
 from ahcq.quantization.api import assert_fully_quantized, dropping
+from ahcq.quantization.config import LossAxis
 from ahcq.quantization.quantizers import (
     BetaSchedule,
     CAGQuantizer,
@@ -39,77 +40,12 @@ from ahcq.quantization.quantizers import (
     progressive_schedule,
 )
 from ahcq.quantization.quantizers.base import keep_mask
+from ahcq.solver.seeding import stream
 
-from .recon_cache import STORAGE_DTYPES
-from .recon_units import Inputs, ReconUnit, adaround_quantizers, map_tensors, scale_parameters
-from .seeding import stream
+from .settings import ReconSettings
+from .units import Inputs, ReconUnit, adaround_quantizers, map_tensors, scale_parameters
 
-__all__ = ["ExtraLoss", "LOSS_AXES", "LossContext", "ReconSettings", "UnitReport", "reconstruct_unit",
-           "unit_loss"]
-
-LOSS_AXES = {"channels": None, "axis1": 1, "last": -1}
-
-
-@dataclass(frozen=True)
-class ReconSettings:
-    """Everything that decides the result of a reconstruction (stored with a resumable state)."""
-
-    iters: int = 20000
-    batch_size: int = 1
-    weight_lr: float = 1e-3
-    scale_lr: float = 4e-5
-    warm_up: float = 0.2
-    weight: float = 0.01
-    b_range: tuple[float, float] = (20.0, 2.0)
-    drop_prob: float = 1.0
-    regroup_fractions: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
-    patience: int | None = None
-    min_delta: float = 0.0
-    seed: int = 0
-    max_items: int | None = None
-    chunk_items: int | None = None
-    cache_dtype: str = "float32"
-    act_quant: bool = True
-    loss_axis: str = "channels"
-
-    def __post_init__(self) -> None:
-        if self.iters < 1 or self.batch_size < 1:
-            raise ValueError(f"ReconSettings: iters and batch_size must be >= 1 (got {self.iters}, "
-                             f"{self.batch_size})")
-        if not 0.0 <= self.drop_prob <= 1.0:
-            raise ValueError(f"ReconSettings: drop_prob must be in [0, 1], got {self.drop_prob}")
-        if self.cache_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"ReconSettings: cache_dtype must be one of {sorted(STORAGE_DTYPES)}, got "
-                             f"{self.cache_dtype!r}")
-        if self.loss_axis not in LOSS_AXES:
-            raise ValueError(f"ReconSettings: loss_axis must be one of {sorted(LOSS_AXES)}, got "
-                             f"{self.loss_axis!r}")
-        if list(self.regroup_fractions) != sorted(self.regroup_fractions) or not all(
-                0 < f < 1 for f in self.regroup_fractions):
-            raise ValueError(f"ReconSettings: regroup_fractions must increase inside (0, 1), "
-                             f"got {self.regroup_fractions}")
-
-    @classmethod
-    def from_qconfig(cls, qconfig: Any, **overrides: Any) -> ReconSettings:
-        """Settings from a loaded ``QConfig`` (``recon.*``, ``cag.regroup_fractions``, ``seed``)."""
-        r = qconfig.recon
-        values = dict(
-            iters=r.iters, batch_size=r.batch_size, weight_lr=r.weight_lr, scale_lr=r.scale_lr,
-            warm_up=r.warm_up, weight=r.weight, b_range=tuple(r.b_range),
-            drop_prob=r.drop_prob if r.dropping else 1.0,
-            regroup_fractions=tuple(qconfig.cag.regroup_fractions), seed=qconfig.seed,
-            patience=r.early_stop.patience if r.early_stop is not None else None,
-            min_delta=r.early_stop.min_delta if r.early_stop is not None else 0.0,
-            cache_dtype=r.cache_dtype, act_quant=r.act_quant, loss_axis=r.loss_axis,
-        )
-        values.update(overrides)
-        return cls(**values)
-
-    @property
-    def float_p(self) -> float:
-        """QDrop probability that an element stays float (the quantizers' ``drop_p``)."""
-        return 1.0 - self.drop_prob
-
+__all__ = ["ExtraLoss", "LossContext", "UnitReport", "reconstruct_unit", "unit_loss"]
 
 @dataclass
 class LossContext:
@@ -151,12 +87,12 @@ class UnitReport:
 
 
 def unit_loss(unit: ReconUnit, output: Any, targets: Sequence[torch.Tensor],
-              loss_axis: str = "channels") -> torch.Tensor:
+              loss_axis: LossAxis = LossAxis.CHANNELS) -> torch.Tensor:
     """Sum over ``loss_axis`` of the squared error, mean over the other axes, weighted over outputs."""
     preds = unit.select(output)
     if len(preds) != len(targets):
         raise ValueError(f"unit {unit.name!r}: {len(preds)} outputs but {len(targets)} targets")
-    dim = unit.feature_axis if loss_axis == "channels" else LOSS_AXES[loss_axis]
+    dim = {LossAxis.CHANNELS: unit.feature_axis, LossAxis.AXIS1: 1, LossAxis.LAST: -1}[LossAxis(loss_axis)]
     weights = unit.weights or (1.0,) * len(preds)
     total = preds[0].new_zeros(())
     for p, t, w in zip(preds, targets, weights):
