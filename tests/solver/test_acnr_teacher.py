@@ -14,7 +14,7 @@ from ahcq.quantization import api
 from ahcq.quantization.config import ACNRConfig
 from ahcq.solver.calibration import condition_linears
 from ahcq.solver.recon import ReconSettings, ReconUnit, reconstruct
-from ahcq.solver.recon.cache import ActivationCache, ItemPlan
+from ahcq.solver.recon.cache import ActivationCache, CacheKey, Entry, ItemPlan
 from ahcq.solver.recon.capture import capture
 
 IN, OUT, TOKENS = 768, 2304, 96
@@ -57,7 +57,7 @@ def test_capture_targets_are_the_outputs_before_acnr() -> None:
     with ActivationCache(2**30) as cache:
         index = capture(model, [unit], xs, lambda m, x: m(x), cache, ItemPlan(0), progress=False)
         for s, x in enumerate(xs):
-            (target,) = cache.get(("fout", 0, s, 0))
+            (target,) = cache.get(CacheKey(Entry.FLOAT_OUT, 0, s, 0))
             expected = x @ original.T + model[0].bias.detach()
             torch.testing.assert_close(target, expected, atol=1e-4, rtol=1e-5)
             assert not torch.allclose(target, model[0].to_float()(x), atol=1e-2)

@@ -19,7 +19,7 @@ from ahcq.quantization.api import (
 from ahcq.quantization.layers import QuantMatMul
 from ahcq.quantization.quantizers import Role
 from ahcq.solver.recon import ReconSettings, reconstruct, units_from_names
-from ahcq.solver.recon.cache import ActivationCache, ItemPlan, compact_copy, nbytes
+from ahcq.solver.recon.cache import ActivationCache, CacheKey, Entry, ItemPlan, compact_copy, nbytes
 from ahcq.solver.recon.capture import capture
 from ahcq.solver.seeding import (
     calibration_indices,
@@ -157,15 +157,15 @@ def test_capture_caps_chunks_and_keeps_image_keys_compact():
         assert [index.chunks[(0, s)] for s in range(3)] == [2, 2, 2]
         tokens, image = decoder_samples()[0]
         kept = plan.kept(0, 9)
-        (q, k), kwargs = cache.get(("fin", 0, 0, 0))
+        (q, k), kwargs = cache.get(CacheKey(Entry.FLOAT_IN, 0, 0, 0))
         assert torch.equal(q, tokens[kept][:4]) and k.stride(0) == 0 and torch.equal(k[0], image[0])
         assert kwargs["v"].stride(0) == 0
         with torch.no_grad(), quantization_disabled(model):
             keys = image.expand(6, -1, -1)
             out = model.layers[0](tokens[kept], keys, v=keys)
-        assert torch.equal(cache.get(("fout", 0, 0, 1))[0], out[4:])
-        assert torch.equal(cache.get(("fin", 1, 0, 1))[0][0], out[4:])
-        assert nbytes(cache.get(("fin", 1, 2, 0))) < 2 * 4 * PIXELS * D * 4
+        assert torch.equal(cache.get(CacheKey(Entry.FLOAT_OUT, 0, 0, 1))[0], out[4:])
+        assert torch.equal(cache.get(CacheKey(Entry.FLOAT_IN, 1, 0, 1))[0][0], out[4:])
+        assert nbytes(cache.get(CacheKey(Entry.FLOAT_IN, 1, 2, 0))) < 2 * 4 * PIXELS * D * 4
 
 
 def test_decoder_reconstruction_with_capped_chunked_boxes():

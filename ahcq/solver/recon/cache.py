@@ -14,13 +14,14 @@ and one propagation forward touch one chunk; memory per step is then bounded wha
 """
 from __future__ import annotations
 
+import enum
 import os
 import shutil
 import tempfile
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,9 +29,26 @@ from ahcq.solver.seeding import stream
 
 from .units import map_tensors, tensor_leaves
 
-__all__ = ["ActivationCache", "ItemPlan", "compact_copy", "nbytes", "select_items"]
+__all__ = ["ActivationCache", "CacheKey", "Entry", "ItemPlan", "compact_copy", "nbytes", "select_items"]
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Entry(enum.Enum):
+    """What a cache entry of a unit holds for one (sample, chunk)."""
+
+    FLOAT_IN = "fin"  # its inputs in the float model
+    FLOAT_OUT = "fout"  # its compared outputs in the float model (the targets)
+    QUANT_IN = "qin"  # its inputs from the quantized units before it
+
+
+class CacheKey(NamedTuple):
+    """The key of one cache entry: what it holds, for which unit, sample and item chunk."""
+
+    entry: Entry
+    unit: int
+    sample: int
+    chunk: int
 
 
 def compact_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

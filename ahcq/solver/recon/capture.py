@@ -6,7 +6,8 @@ float inputs unless a quantizer outside the units runs before it; only then does
 them. After unit ``k`` is finished, ``propagate`` runs *only unit k* on its quantized inputs and feeds the
 result to unit ``k+1``; nothing before the units (a detector, a float encoder) is ever run again.
 
-Cache keys: ``("fin" | "fout" | "qin", unit, sample, chunk)``.
+Cache keys: ``CacheKey(entry, unit, sample, chunk)``, ``entry`` being the unit's float inputs, float outputs
+or quantized inputs.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ahcq.progress import progress_bar
 from ahcq.quantization.api import iter_quantizers, quantization_disabled
 from ahcq.quantization.quantizers import Mode
 
-from .cache import ActivationCache, ItemPlan
+from .cache import ActivationCache, CacheKey, Entry, ItemPlan
 from .units import Inputs, ReconUnit, map_tensors, tensor_leaves
 
 __all__ = ["CaptureIndex", "capture", "module_device", "propagate", "release", "to_device"]
@@ -41,9 +42,9 @@ class CaptureIndex:
         """``(sample, chunk)`` pairs of ``unit``."""
         return [(s, c) for (u, s), n in sorted(self.chunks.items()) if u == unit for c in range(n)]
 
-    def qin_key(self, unit: int, sample: int, chunk: int) -> tuple:
-        kind = "fin" if unit == 0 and self.qin_is_fin else "qin"
-        return (kind, unit, sample, chunk)
+    def qin_key(self, unit: int, sample: int, chunk: int) -> CacheKey:
+        entry = Entry.FLOAT_IN if unit == 0 and self.qin_is_fin else Entry.QUANT_IN
+        return CacheKey(entry, unit, sample, chunk)
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -68,7 +69,8 @@ class _Recorder:
     """Forward hooks storing one sample's unit inputs and outputs in the cache."""
 
     def __init__(self, units: Sequence[ReconUnit], cache: ActivationCache, plan: ItemPlan,
-                 index: CaptureIndex, kinds: tuple[str, ...], prefix_watch: Sequence[nn.Module] = ()) -> None:
+                 index: CaptureIndex, kinds: tuple[Entry, ...],
+                 prefix_watch: Sequence[nn.Module] = ()) -> None:
         self.units, self.cache, self.plan, self.index, self.kinds = units, cache, plan, index, kinds
         self.sample = 0
         self.seen: set[int] = set()
@@ -78,7 +80,7 @@ class _Recorder:
         self._handles = []
         for k, unit in enumerate(units):
             self._handles.append(unit.module.register_forward_pre_hook(self._pre(k), with_kwargs=True))
-            if "fout" in kinds:
+            if Entry.FLOAT_OUT in kinds:
                 self._handles.append(unit.module.register_forward_hook(self._post(k)))
         for q in prefix_watch:
             self._handles.append(q.register_forward_pre_hook(self._watch))
@@ -103,7 +105,7 @@ class _Recorder:
             chunks = self.plan.split(inputs, self.sample, n)
             self.index.chunks[(k, self.sample)] = len(chunks)
             for c, chunk in enumerate(chunks):
-                self.cache.put((self.kinds[0], k, self.sample, c), chunk)
+                self.cache.put(CacheKey(self.kinds[0], k, self.sample, c), chunk)
         return hook
 
     def _post(self, k: int) -> Callable:
@@ -114,7 +116,7 @@ class _Recorder:
             if self.sample == 0 and k + 1 < len(self.units):
                 self.first_outputs[k] = map_tensors(full[0], torch.Tensor.clone)
             for c, chunk in enumerate(full):
-                self.cache.put(("fout", k, self.sample, c), unit.select(chunk))
+                self.cache.put(CacheKey(Entry.FLOAT_OUT, k, self.sample, c), unit.select(chunk))
         return hook
 
     def remove(self) -> None:
@@ -126,7 +128,7 @@ def _check_chain(units: Sequence[ReconUnit], cache: ActivationCache, first_outpu
     """Each unit's ``feed`` applied to the previous float output must give its float inputs back (both at
     the cache's storage precision)."""
     for k in range(1, len(units)):
-        own = cache.get(("fin", k, 0, 0))
+        own = cache.get(CacheKey(Entry.FLOAT_IN, k, 0, 0))
         fed = cache.as_stored(units[k].feed(first_outputs[k - 1], own))
         a, b = tensor_leaves(fed), tensor_leaves(own)
         same = len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
@@ -158,7 +160,7 @@ def capture(model: nn.Module, units: Sequence[ReconUnit], samples: Sequence[Any]
     outside = [q for _, q in iter_quantizers(model) if id(q) not in in_units and q.mode is not Mode.OFF]
     was_training = model.training
     model.eval()
-    rec = _Recorder(units, cache, plan, index, ("fin", "fout"), outside)
+    rec = _Recorder(units, cache, plan, index, (Entry.FLOAT_IN, Entry.FLOAT_OUT), outside)
     try:
         with quantization_disabled(model):
             _run_samples(model, samples, forward, rec, "capture float", progress)
@@ -168,7 +170,7 @@ def capture(model: nn.Module, units: Sequence[ReconUnit], samples: Sequence[Any]
         _check_chain(units, cache, rec.first_outputs)
         if rec.prefix_quantizer_ran:
             index.qin_is_fin = False
-            first = _Recorder(units[:1], cache, plan, CaptureIndex(), ("qin",))
+            first = _Recorder(units[:1], cache, plan, CaptureIndex(), (Entry.QUANT_IN,))
             try:
                 _run_samples(model, samples, forward, first, "capture quantized", progress)
             finally:
@@ -195,7 +197,8 @@ def propagate(units: Sequence[ReconUnit], k: int, cache: ActivationCache, index:
         for s, c in progress_bar(src, desc=f"propagate {unit.name}", disable=not progress, leave=False):
             out = unit.call(unit.module, to_device(cache.get(index.qin_key(k, s, c)), device))
             out = map_tensors(out, lambda t: t.cpu())
-            cache.put(("qin", k + 1, s, c), nxt.feed(out, cache.get(("fin", k + 1, s, c))))
+            cache.put(CacheKey(Entry.QUANT_IN, k + 1, s, c),
+                      nxt.feed(out, cache.get(CacheKey(Entry.FLOAT_IN, k + 1, s, c))))
     finally:
         unit.module.train(was_training)
 
@@ -203,5 +206,5 @@ def propagate(units: Sequence[ReconUnit], k: int, cache: ActivationCache, index:
 def release(cache: ActivationCache, index: CaptureIndex, k: int) -> None:
     """Free unit ``k``'s entries once it is finished and its successor's inputs exist."""
     for s, c in index.entries(k):
-        for kind in ("fin", "fout", "qin"):
-            cache.pop((kind, k, s, c))
+        for entry in Entry:
+            cache.pop(CacheKey(entry, k, s, c))

@@ -30,7 +30,7 @@ from ahcq.quantization.api import activations_off, assert_fully_quantized, iter_
 from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
 from ahcq.solver.seeding import seed_everything
 
-from .cache import ActivationCache, ItemPlan
+from .cache import ActivationCache, CacheKey, Entry, ItemPlan
 from .capture import CaptureIndex, capture, module_device, propagate, release, to_device
 from .settings import ReconSettings
 from .state import load_state, save_state
@@ -82,10 +82,10 @@ def _batcher(cache: ActivationCache, index: CaptureIndex, k: int, batch_size: in
 
     def batch(generator: torch.Generator) -> tuple[list[tuple[int, int]], Inputs, Inputs, list[torch.Tensor]]:
         picks = [entries[i] for i in torch.randint(len(entries), (batch_size,), generator=generator).tolist()]
-        floats = [cache.get(("fin", k, s, c)) for s, c in picks]
-        same = index.qin_key(k, 0, 0)[0] == "fin"  # unit 0 behind a float prefix: one tensor, no mixing
+        floats = [cache.get(CacheKey(Entry.FLOAT_IN, k, s, c)) for s, c in picks]
+        same = index.qin_key(k, 0, 0).entry is Entry.FLOAT_IN  # unit 0 behind a float prefix: no mixing
         quant = floats if same else [cache.get(index.qin_key(k, s, c)) for s, c in picks]
-        targets = [cache.get(("fout", k, s, c)) for s, c in picks]
+        targets = [cache.get(CacheKey(Entry.FLOAT_OUT, k, s, c)) for s, c in picks]
         if batch_size == 1:
             floats, quant, targets = floats[0], quant[0], targets[0]
         else:
