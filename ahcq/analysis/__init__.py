@@ -22,9 +22,9 @@ from segment_anything.modeling import Sam
 from ahcq.data.coco_io import load_coco_json, rle_to_mask
 from ahcq.models.sam_checkpoint import load_sam
 from ahcq.models.sam_quantize import quantize_sam
+from ahcq.models.sam_runner import decode_boxes, encode, prepare_image
 from ahcq.models.tiny_sam import build_tiny_sam, sidecar_build_args
 from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
-from projects.instance_segment_anything.sam_runner import decode_boxes, encode, prepare_image
 
 __all__ = [
     "Sample",

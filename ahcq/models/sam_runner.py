@@ -9,13 +9,14 @@ purpose: ``apply_image_torch`` in segment-anything 1.0 reads the wrong axes of a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-__all__ = ["SamImage", "decode_boxes", "encode", "prepare_image"]
+__all__ = ["Prompts", "SamImage", "SamSample", "decode_boxes", "encode", "prepare_image"]
 
 
 @dataclass
@@ -25,6 +26,55 @@ class SamImage:
     tensor: torch.Tensor
     input_size: tuple[int, int]
     original_size: tuple[int, int]
+
+
+@dataclass
+class Prompts:
+    """Boxes (N, 4) xyxy float32 in original image pixels, scores (N,) float32, labels (N,) int64 classes."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = len(self.boxes)
+        if self.boxes.shape != (n, 4) or self.scores.shape != (n,) or self.labels.shape != (n,):
+            raise ValueError(
+                f"inconsistent prompts: boxes {tuple(self.boxes.shape)}, scores {tuple(self.scores.shape)}, "
+                f"labels {tuple(self.labels.shape)}"
+            )
+
+    @classmethod
+    def from_arrays(cls, boxes: Any, scores: Any, labels: Any) -> Prompts:
+        """Build from array-likes, fixing dtypes (an empty input gives a (0, 4) box tensor)."""
+        return cls(
+            boxes=torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)),
+            scores=torch.as_tensor(np.asarray(scores, dtype=np.float32).reshape(-1)),
+            labels=torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1)),
+        )
+
+    def top(self, score_thr: float, max_boxes: int | None) -> Prompts:
+        """Boxes with score >= ``score_thr``, best first, at most ``max_boxes`` (stable for ties)."""
+        keep = torch.nonzero(self.scores >= score_thr).flatten()
+        keep = keep[torch.argsort(self.scores[keep], descending=True, stable=True)]
+        if max_boxes is not None:
+            keep = keep[:max_boxes]
+        return Prompts(self.boxes[keep], self.scores[keep], self.labels[keep])
+
+    def clip(self, height: int, width: int) -> Prompts:
+        """Boxes clipped to the image, since SAM's prompt encoder expects boxes inside it."""
+        boxes = self.boxes.clone()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        return Prompts(boxes, self.scores, self.labels)
+
+
+@dataclass
+class SamSample:
+    """What SAM needs for one image: its encoder input and sizes, and the prompt boxes in original pixels."""
+
+    image: SamImage
+    prompts: Prompts
 
 
 def prepare_image(sam: Sam, image_rgb: np.ndarray) -> SamImage:

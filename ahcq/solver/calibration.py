@@ -272,18 +272,21 @@ def group_weights(model: nn.Module, k: int, seed: int = 0) -> dict[str, int]:
 
 
 def calibrate(
-    sam: nn.Module, samples: Sequence[Any], forward: Forward, qconfig: QConfig
+    sam: nn.Module, samples: Sequence[Any], forward: Forward, qconfig: QConfig,
+    big: Sequence[tuple[str, nn.Module]] | None = None, big_samples: int = BIG_IMAGES,
 ) -> CalibrationReport:
     """BIG, statistics, ACNR and weight grouping (as ``qconfig`` asks) on ``samples``; every quantizer ends
     calibrated.
 
-    ``forward(sample)`` runs the quantized SAM on one calibration sample (encoder and decoder).
+    ``forward(sample)`` runs the quantized model on one calibration sample (SAM: encoder and decoder; SAM2:
+    a tracked clip). ``big``: the attentions BIG tests (default: SAM's ``big_sites``), on the first
+    ``big_samples`` samples.
     """
     if not samples:
         raise ValueError("calibration needs at least one calibration image")
     report = CalibrationReport(images=len(samples))
     if qconfig.ptq4sam.big:
-        report.big = apply_big(sam, samples, forward, qconfig)
+        report.big = apply_big(sam, samples[:big_samples], forward, qconfig, big)
     with calibrating(sam):
         _pass(sam, samples, forward, "calibrate")
     report.passes = 1

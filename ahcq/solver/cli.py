@@ -49,12 +49,25 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="reconstruction iterations per unit, overriding the q_config (smoke tests)")
 
 
+def _log_to_stderr() -> None:
+    """INFO lines of ``ahcq`` on stderr, through a handler of its own: mmcv turns the root logger's stream
+    handlers down to ERROR when it builds its loggers, which would silence a root-level setup."""
+    log = logging.getLogger("ahcq")
+    if not any(getattr(h, "ahcq_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.ahcq_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def run_cli(prog: str, args: argparse.Namespace, start: Callable[[argparse.Namespace], object]) -> int:
     """Run ``start(args)``; a negative ``--seed``, a ``UserError`` or an interrupt exits non-zero with one
     line (130 for an interrupt, with how to resume)."""
     if args.seed is not None and args.seed < 0:
         raise SystemExit(f"{prog}: error: --seed must be >= 0, got {args.seed}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _log_to_stderr()
     try:
         start(args)
     except UserError as err:

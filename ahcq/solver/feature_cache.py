@@ -32,9 +32,8 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 import ahcq
-import projects.instance_segment_anything as plugin
-from projects.instance_segment_anything import Prompts, SamSample
-from projects.instance_segment_anything.sam_runner import SamImage
+from ahcq.models.sam_runner import Prompts, SamImage, SamSample
+from ahcq.solver.run_identity import plugin_root, source_digest
 
 __all__ = ["CACHE_VERSION", "CacheStats", "CachedImage", "FeatureCache", "default_cache_dir",
            "module_fingerprint", "run_key"]
@@ -48,8 +47,7 @@ def code_version() -> str:
     """``CACHE_VERSION`` plus a hash of the sources that produce cached content (the mmdet plugin, which
     prepares images and runs the prompt sources, and this module), so editing them invalidates the cache."""
     digest = hashlib.sha256(CACHE_VERSION.encode())
-    for path in sorted([*Path(plugin.__file__).parent.rglob("*.py"), Path(__file__)]):
-        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(source_digest([plugin_root()], (".py",)).encode() + Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib
 import json
 import logging
 import platform
@@ -33,14 +32,16 @@ from mmdet.models import build_detector
 
 import ahcq
 from ahcq.models.sam_quantize import quantize_sam
+from ahcq.models.sam_roles import big_sites
+from ahcq.models.sam_runner import decode_boxes
 from ahcq.progress import progress_bar
-from ahcq.quantization.api import iter_quantizers
 from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
-from ahcq.solver.calibration import calibrate, switch_to_evaluation
+from ahcq.solver.calibration import BIG_IMAGES
 from ahcq.solver.cli import Interrupted, UserError
 from ahcq.solver.evaluation import NonFiniteOutput, build_split, evaluate, pipeline_items
 from ahcq.solver.feature_cache import CachedImage, CacheStats, FeatureCache, module_fingerprint, run_key
 from ahcq.solver.pcc_sam import apply_pcc
+from ahcq.solver.ptq import PTQModel, run_ptq
 from ahcq.solver.recon.sam import reconstruct_sam
 from ahcq.solver.results import format_table, write_json
 from ahcq.solver.run_checks import (
@@ -53,10 +54,8 @@ from ahcq.solver.run_checks import (
 )
 from ahcq.solver.run_identity import RunFolder, RunMismatch, code_version, digest, weights_digest
 from ahcq.solver.seeding import calibration_indices, seed_everything
-from projects.instance_segment_anything.sam_runner import decode_boxes
 
-__all__ = ["CalibSample", "Interrupted", "RunOptions", "UserError", "calibration_choice", "pcc_step",
-           "reconstruct_step", "run"]
+__all__ = ["CalibSample", "Interrupted", "RunOptions", "UserError", "calibration_choice", "run", "sam_ptq"]
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -159,7 +158,6 @@ def _load_qconfig(opts: RunOptions) -> QConfig:
 
 
 def _build_model(cfg: mmcv.Config, config_path: Path, device: torch.device) -> Any:
-    importlib.import_module("projects.instance_segment_anything")
     try:
         model = build_detector(cfg.model, test_cfg=cfg.get("test_cfg"))
     except Exception as err:  # noqa: BLE001 - mmcv's builders wrap any failure of the built type
@@ -177,20 +175,20 @@ def calibration_choice(qconfig: QConfig, population: int, calib_images: int | No
     return calibration_indices(qconfig.seed, population, n) if n else []
 
 
-def pcc_step(sam: Any, samples: Sequence[CalibSample], qconfig: QConfig,
-             device: torch.device) -> dict[str, Any]:
-    """SAQ-SAM's clipping search when ``pcc.enabled``; its report (empty when off)."""
-    return apply_pcc(sam, samples, qconfig, device) if qconfig.pcc.enabled else {}
-
-
-def reconstruct_step(sam: Any, samples: Sequence[CalibSample], qconfig: QConfig, device: torch.device,
-                     state_dir: Path | None = None, max_boxes: int | None = None) -> dict[str, Any]:
-    """Block reconstruction when ``recon.enabled``; its per-unit state under ``state_dir`` lets an
-    interrupted run resume, ``max_boxes`` caps the boxes per image."""
-    if not qconfig.recon.enabled:
-        return {"requested": False, "ran": False}
-    report = reconstruct_sam(sam, samples, qconfig, device=device, state_dir=state_dir, max_boxes=max_boxes)
-    return {"requested": True, "ran": True, "report": report}
+def sam_ptq(sam: Any, *, quant_encoder: bool, box_chunk: int, max_boxes: int, device: torch.device
+            ) -> PTQModel:
+    """SAM in the PTQ recipe: ``max_boxes`` prompts per calibration image (decoded ``box_chunk`` at a time)
+    for calibration and reconstruction; BIG on SAM's token->image attentions over ``BIG_IMAGES`` images."""
+    return PTQModel(
+        model=sam,
+        quantize=lambda qconfig: quantize_sam(sam, qconfig, quant_encoder=quant_encoder),
+        forward=functools.partial(sam_forward, sam, box_chunk=box_chunk, max_boxes=max_boxes),
+        big_sites=lambda: big_sites(sam),
+        big_samples=BIG_IMAGES,
+        pcc=lambda samples, qconfig: apply_pcc(sam, samples, qconfig, device),
+        reconstruct=lambda samples, qconfig, state_dir: reconstruct_sam(
+            sam, samples, qconfig, device=device, state_dir=state_dir, max_boxes=max_boxes),
+    )
 
 
 class _Timer:
@@ -226,14 +224,9 @@ def _quantize(model: Any, cache: FeatureCache, calib_keys: Sequence[str], qconfi
     for key in calib_keys:
         cached = cache.load(sam, key)
         samples.append(CalibSample(cached, None if opts.quant_encoder else cache.embedding(sam, cached)))
-    quantize_sam(sam, qconfig, quant_encoder=opts.quant_encoder)
-    forward = functools.partial(sam_forward, sam, box_chunk=model.box_chunk, max_boxes=opts.calib_max_boxes)
-    report = calibrate(sam, samples, forward, qconfig)
-    pcc = pcc_step(sam, samples, qconfig, device)
-    recon = reconstruct_step(sam, samples, qconfig, device, staging / "recon_state", opts.calib_max_boxes)
-    switch_to_evaluation(sam)
-    return {**dataclasses.asdict(report), "pcc": pcc, "reconstruction": recon,
-            "quantizers": sum(1 for _ in iter_quantizers(sam))}
+    ptq = sam_ptq(sam, quant_encoder=opts.quant_encoder, box_chunk=model.box_chunk,
+                  max_boxes=opts.calib_max_boxes, device=device)
+    return run_ptq(ptq, samples, qconfig, staging / "recon_state")
 
 
 def _file_digest(path: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -30,9 +31,11 @@ from torch import nn
 import ahcq
 from ahcq.solver.results import RESULTS_NAME, write_json
 
-__all__ = ["RUN_FILE", "RunFolder", "RunMismatch", "code_version", "digest", "weights_digest"]
+__all__ = ["RUN_FILE", "RunFolder", "RunMismatch", "code_version", "digest", "plugin_root", "source_digest",
+           "weights_digest"]
 
 RUN_FILE = "run.json"
+PLUGIN = "projects.instance_segment_anything"
 FORMAT = 1
 
 
@@ -56,17 +59,26 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def plugin_root() -> Path | None:
+    """The mmdet plugin's folder, found without importing it (the library never imports the plugin)."""
+    spec = importlib.util.find_spec(PLUGIN)
+    return Path(spec.origin).parent if spec is not None and spec.origin else None
+
+
+def source_digest(roots: Iterable[Path | None], suffixes: tuple[str, ...] = (".py", ".c")) -> str:
+    """sha256 of every source file under ``roots`` (relative names and contents)."""
+    h = hashlib.sha256()
+    for root in (r for r in roots if r is not None):
+        for path in sorted(p for p in root.rglob("*") if p.suffix in suffixes):
+            h.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """The package version plus a hash of every source file of ``ahcq`` and the mmdet plugin: any code
     change that could change a result makes a different run."""
-    import projects.instance_segment_anything as plugin
-
-    h = hashlib.sha256(ahcq.__version__.encode())
-    for root in (Path(ahcq.__file__).parent, Path(plugin.__file__).parent):
-        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c")):
-            h.update(str(path.relative_to(root)).encode() + path.read_bytes())
-    return h.hexdigest()
+    return digest([ahcq.__version__, source_digest([Path(ahcq.__file__).parent, plugin_root()])])
 
 
 def _differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:

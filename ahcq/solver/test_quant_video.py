@@ -34,20 +34,21 @@ from hydra.errors import HydraException
 
 from ahcq.models.sam2 import quantize_sam2
 from ahcq.models.sam2_checkpoint import build_sam2_model, load_sam2, reduced_overrides, resolve_config
+from ahcq.models.sam2_roles import sam2_big_sites
 from ahcq.quantization.config import ConfigError, QConfig, ReconUnits, load_qconfig
-from ahcq.solver.calibration import condition_linears, group_weights, switch_to_evaluation
 from ahcq.solver.cli import Interrupted, UserError, add_run_arguments, positive, quiet_third_party, run_cli
+from ahcq.solver.ptq import PTQModel, run_ptq
 from ahcq.solver.recon.sam2 import reconstruct_video
 from ahcq.solver.recon.settings import ReconSettings
 from ahcq.solver.results import RESULTS_NAME, write_json
 from ahcq.solver.run_identity import RunFolder, RunMismatch, code_version, digest, weights_digest
 from ahcq.solver.seeding import seed_everything
 from ahcq.video import VOSReport, evaluate, read_dataset
-from ahcq.video.calibration import apply_big_sam2, calibrate, select_clips, track_clip
+from ahcq.video.calibration import CalibrationClip, select_clips, track_clip
 from ahcq.video.fixtures import make_moving_shapes_clip
 from ahcq.video.propagation import TrackedPredictions, TrackOptions
 
-logger = logging.getLogger("test_quant_video")
+logger = logging.getLogger("ahcq.solver.test_quant_video")
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = Path("projects/configs/sam2/demo_tiny.yaml")
 NO_FILL_HOLES = "++model.fill_hole_area=0"  # the hole filling needs sam2's CUDA extension: off everywhere
@@ -240,32 +241,28 @@ def _build(cfg: dict[str, Any], seed: int, device: torch.device) -> tuple[torch.
     return predictor.to(device).eval(), overrides
 
 
+def sam2_ptq(predictor: torch.nn.Module, clips: list, options: TrackOptions) -> PTQModel:
+    """SAM2 in the PTQ recipe: a calibration sample is a clip tracked frame by frame; BIG decides on the first
+    clip, as the AHCQ-SAM SAM2 code does on one video; reconstruction along the quantized tracking chain."""
+    def reconstruct(samples: Sequence[CalibrationClip], qconfig: QConfig, state_dir: Path | None) -> dict:
+        return reconstruct_video(predictor, ReconSettings.from_qconfig(qconfig), samples, options,
+                                 whole_layers=qconfig.recon.units is ReconUnits.LAYERS, state_dir=state_dir)
+
+    return PTQModel(
+        model=predictor,
+        quantize=lambda qconfig: quantize_sam2(predictor, qconfig),
+        forward=lambda clip: track_clip(predictor, clip, options),
+        big_sites=lambda: sam2_big_sites(predictor),
+        big_samples=1,
+        reconstruct=reconstruct,
+    )
+
+
 def _quantize(predictor: torch.nn.Module, qconfig: QConfig, clips: list, options: TrackOptions,
               timer: dict[str, float], staging: Path) -> dict[str, Any]:
-    """Quantize, calibrate (BIG, statistics, ACNR, weight groups), reconstruct as ``qconfig`` asks; evaluation
-    state."""
-    start = time.perf_counter()
-    quantize_sam2(predictor, qconfig)
-    report: dict[str, Any] = {"videos": [c.sample.name for c in clips], "frames": clips[0].frames}
-    if qconfig.ptq4sam.big:
-        report["big"] = apply_big_sam2(predictor, clips, qconfig, options)
-    calibrate(predictor, clips, options)
-    if qconfig.acnr.enabled:
-        report["acnr"] = condition_linears(predictor, clips, lambda c: track_clip(predictor, c, options),
-                                           qconfig.acnr)
-        calibrate(predictor, clips, options)
-    if qconfig.cag.apply_to_weights:
-        report["weight_groups"] = group_weights(predictor, qconfig.cag.weight_groups, qconfig.seed)
-    timer["calibration"] = time.perf_counter() - start
-    if qconfig.recon.enabled:
-        start = time.perf_counter()
-        whole = qconfig.recon.units is ReconUnits.LAYERS
-        report["reconstruction"] = reconstruct_video(predictor, ReconSettings.from_qconfig(qconfig), clips,
-                                                     options, whole_layers=whole,
-                                                     state_dir=staging / "recon_state")
-        timer["reconstruction"] = time.perf_counter() - start
-    switch_to_evaluation(predictor)
-    return report
+    """The PTQ recipe (``run_ptq``) on the calibration clips; the evaluation state."""
+    report = run_ptq(sam2_ptq(predictor, clips, options), clips, qconfig, staging / "recon_state", timer)
+    return {"videos": [c.sample.name for c in clips], "frames": clips[0].frames, **report}
 
 
 def _clips(cfg: dict[str, Any], opts: VideoRunOptions, qconfig: QConfig, pool: list, seed: int) -> list:

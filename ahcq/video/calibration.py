@@ -3,8 +3,7 @@
 Calibration follows the AHCQ-SAM SAM2 protocol: the model sees what it sees at evaluation (GT mask prompts,
 memories of the previous frames, object pointers), so every quantizer, including those of the memory
 attention and memory encoder, observes real tracking activations. ``track_clip`` is the one forward over a
-clip: ``calibrate`` runs it with every quantizer calibrating, ``apply_big_sam2`` (the SAM pipeline's
-``apply_big`` on the SAM2 sites) with hooks on the BIG key projections, and ``ahcq.solver.recon.sam2``
+clip: the PTQ recipe (``ahcq.solver.ptq``) runs it for every calibration step, and ``ahcq.solver.recon.sam2``
 with a hook on one unit, whose every call while tracking is a reconstruction sample.
 """
 from __future__ import annotations
@@ -16,16 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ahcq.models.sam2_roles import sam2_big_sites
-from ahcq.progress import progress_bar
-from ahcq.quantization import api
-from ahcq.quantization.config import QConfig
-from ahcq.solver.calibration import apply_big
 from ahcq.solver.seeding import calibration_indices
 from ahcq.video.datasets import VideoSample
 from ahcq.video.propagation import DEFAULT_TRACKING, TrackOptions, track_sample
 
-__all__ = ["CalibrationClip", "apply_big_sam2", "calibrate", "detached", "select_clips", "track_clip"]
+__all__ = ["CalibrationClip", "detached", "select_clips", "track_clip"]
 
 
 @dataclass(frozen=True)
@@ -50,27 +44,6 @@ def select_clips(samples: Sequence[VideoSample], n_videos: int, k_frames: int, s
 def track_clip(predictor: nn.Module, clip: CalibrationClip, options: TrackOptions = DEFAULT_TRACKING) -> None:
     """Track one calibration clip (the forward every calibration consumer runs)."""
     track_sample(predictor, clip.sample, replace(options, max_frames=clip.frames))
-
-
-def calibrate(predictor: nn.Module, clips: Sequence[CalibrationClip],
-              options: TrackOptions = DEFAULT_TRACKING, progress: bool = True) -> None:
-    """Observe every quantizer of ``predictor`` on the clips, then finalize them (``api.calibrating``)."""
-    if not clips:
-        raise ValueError("calibrate: no calibration clips")
-    with api.calibrating(predictor):
-        for clip in progress_bar(clips, desc="calibration", unit="video", disable=not progress):
-            track_clip(predictor, clip, options)
-
-
-def apply_big_sam2(predictor: nn.Module, clips: Sequence[CalibrationClip], qconfig: QConfig,
-                   options: TrackOptions = DEFAULT_TRACKING) -> dict[str, bool]:
-    """PTQ4SAM's BIG on SAM2: ``apply_big`` on the SAM2 BIG sites; ``{attention: folded}``.
-
-    Keys are pooled over every tracked frame of the first calibration clip (the SAM2 reference decides on
-    one video as well), with every quantizer off.
-    """
-    return apply_big(predictor, clips[:1], lambda clip: track_clip(predictor, clip, options), qconfig,
-                     sam2_big_sites(predictor))
 
 
 def detached(value: Any) -> Any:

@@ -30,6 +30,7 @@ from ahcq.data.coco_io import mask_bbox
 from ahcq.data.shapes import SceneSpec, draw_scene
 from ahcq.models.sam_attention import QuantDecoderAttention
 from ahcq.models.sam_quantize import quantize_sam
+from ahcq.models.sam_runner import SamImage, decode_boxes, prepare_image
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.quantization.config import load_qconfig
 from ahcq.quantization.export import export_linear
@@ -37,7 +38,6 @@ from ahcq.quantization.layers import QuantLinear
 from ahcq.quantization.quantizers import Quantizer
 from ahcq.solver.calibration import calibrate, switch_to_evaluation
 from ahcq.solver.seeding import seed_everything
-from projects.instance_segment_anything.sam_runner import SamImage, decode_boxes, prepare_image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO_ROOT / "ckpt" / "tiny_sam.pth"

@@ -7,7 +7,6 @@ prompt source once and gives SAM's encoder input plus the boxes; ``predict_cache
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,22 +15,15 @@ from mmdet.models.builder import DETECTORS
 from mmdet.models.detectors.base import BaseDetector
 from segment_anything.modeling import Sam
 
-from .prompts import Prompts, PromptSource
+from ahcq.models.sam_runner import SamSample, decode_boxes, encode, prepare_image
+
+from .prompts import PromptSource
 from .registry import PROMPT_SOURCES, SAM_BUILDERS
 from .results import to_mmdet_results
-from .sam_runner import SamImage, decode_boxes, encode, prepare_image
 
 __all__ = ["DetWrapperInstanceSAM", "SamSample"]
 
 MmdetResult = tuple[list[np.ndarray], list[list[np.ndarray]]]
-
-
-@dataclass
-class SamSample:
-    """What SAM needs for one image: its encoder input and sizes, and the prompt boxes in original pixels."""
-
-    image: SamImage
-    prompts: Prompts
 
 
 def _loaded_images(img: torch.Tensor, img_metas: list[dict]) -> list[np.ndarray]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from projects.instance_segment_anything.sam_runner import decode_boxes, encode, prepare_image
+from ahcq.models.sam_runner import decode_boxes, encode, prepare_image
 
 BOXES = torch.tensor(
     [[5.0, 5.0, 60.0, 40.0], [20.0, 30.0, 130.0, 85.5], [0.0, 0.0, 140.0, 90.0], [50, 10, 70, 80]]

@@ -28,11 +28,11 @@ from plugin_helpers import (
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from ahcq.models.sam_runner import decode_boxes, encode
 from ahcq.solver.evaluation import build_split
 from projects.instance_segment_anything import DetWrapperInstanceSAM, GTBoxPrompt, MMDetPrompt
 from projects.instance_segment_anything.detector import _loaded_images
 from projects.instance_segment_anything.results import to_mmdet_results
-from projects.instance_segment_anything.sam_runner import decode_boxes, encode
 
 
 class CountingGTBoxPrompt(GTBoxPrompt):

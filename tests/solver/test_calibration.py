@@ -11,6 +11,7 @@ from torch import nn
 
 from ahcq.models.sam_quantize import quantize_sam
 from ahcq.models.sam_roles import big_sites
+from ahcq.models.sam_runner import Prompts, SamImage, SamSample
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.quantization import api
 from ahcq.quantization.config import ACNRConfig, load_qconfig, parse_qconfig
@@ -26,8 +27,6 @@ from ahcq.solver.calibration import (
 )
 from ahcq.solver.feature_cache import CachedImage
 from ahcq.solver.pipeline import CalibSample, sam_forward
-from projects.instance_segment_anything import Prompts, SamSample
-from projects.instance_segment_anything.sam_runner import SamImage
 
 REPO = Path(__file__).resolve().parents[2]
 W8A8 = {"a_qconfig": {"bit": 8, "quantizer": "fixed", "observer": "minmax"},

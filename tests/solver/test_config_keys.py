@@ -29,7 +29,8 @@ from ahcq.quantization import api
 from ahcq.quantization.config import ConfigError, ConfigWarning, parse_qconfig, schema_keys
 from ahcq.quantization.dialects import AHCQSAM_KEYS
 from ahcq.solver.calibration import calibrate
-from ahcq.solver.pipeline import calibration_choice, pcc_step, reconstruct_step
+from ahcq.solver.pipeline import calibration_choice, sam_ptq
+from ahcq.solver.ptq import run_ptq
 from ahcq.solver.recon import ReconSettings
 from ahcq.solver.recon.sam import box_cap, sam_chain
 from ahcq.solver.test_quant_video import VideoRunOptions, _clips
@@ -129,21 +130,21 @@ def calibration(cfg) -> Any:
     return json.dumps(dataclasses.asdict(report), sort_keys=True, default=repr), _state_hash(sam)
 
 
-def pcc(cfg) -> Any:
+def _recipe(cfg) -> tuple[Any, dict[str, Any]]:
+    """The SAM PTQ recipe (``run_ptq``) on a tiny SAM: the model it leaves and its report."""
     sam = tiny_sam()
-    samples = _samples(sam, 2)
-    quantize_sam(sam, cfg, quant_encoder=True)
-    calibrate(sam, samples, _forward(sam), cfg)
-    return json.dumps(pcc_step(sam, samples, cfg, torch.device("cpu")), sort_keys=True)
+    ptq = sam_ptq(sam, quant_encoder=True, box_chunk=2, max_boxes=4, device=torch.device("cpu"))
+    return sam, run_ptq(ptq, _samples(sam, 2), cfg)
+
+
+def pcc(cfg) -> Any:
+    no_recon = dataclasses.replace(cfg, recon=dataclasses.replace(cfg.recon, enabled=False))
+    return json.dumps(_recipe(no_recon)[1]["pcc"], sort_keys=True)
 
 
 def reconstruction(cfg) -> Any:
-    sam = tiny_sam()
-    samples = _samples(sam, 2)
-    quantize_sam(sam, cfg, quant_encoder=True)
-    calibrate(sam, samples, _forward(sam), cfg)
-    report = reconstruct_step(sam, samples, cfg, torch.device("cpu"))
-    return report.get("ran"), _state_hash(sam)
+    sam, report = _recipe(cfg)
+    return report["reconstruction"]["ran"], _state_hash(sam)
 
 
 def plan(cfg) -> Any:

@@ -12,6 +12,7 @@ from PIL import Image
 from tool_loader import load_tool
 
 from ahcq.data.shapes import CATEGORIES
+from ahcq.models.sam_runner import SamImage, prepare_image
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.solver.evaluation import build_split, pipeline_items
 from ahcq.solver.feature_cache import (
@@ -23,7 +24,6 @@ from ahcq.solver.feature_cache import (
     run_key,
 )
 from projects.instance_segment_anything import DetWrapperInstanceSAM, GTBoxPrompt
-from projects.instance_segment_anything.sam_runner import SamImage, prepare_image
 
 REPO = Path(__file__).resolve().parents[2]
 make_demo_data = load_tool("make_demo_data")

@@ -21,8 +21,7 @@ from ahcq.solver.recon import ReconSettings, unit_loss
 from ahcq.solver.recon.sam import prepare_samples, reconstruct_sam, sam_chain
 from ahcq.solver.recon.sam2 import sam2_units, unit_samples
 from ahcq.solver.recon.units import tensor_leaves
-from ahcq.video.calibration import CalibrationClip
-from ahcq.video.calibration import calibrate as calibrate_video
+from ahcq.video.calibration import CalibrationClip, track_clip
 from ahcq.video.propagation import DEFAULT_TRACKING
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,7 +149,7 @@ def test_sam2_units_take_their_inputs_from_the_quantized_chain(tmp_path) -> None
                                  video=True)
     cfg = parse_qconfig({"a_qconfig": {"bit": 4}, "w_qconfig": {"bit": 4}, "recon": {"iters": 1}})
     quantize_sam2(predictor, cfg)
-    calibrate_video(predictor, [clip], progress=False)
+    calibrate(predictor, [clip], lambda c: track_clip(predictor, c), cfg, big=[])
     api.set_mode(predictor, Mode.QUANTIZE)
     units = {v.unit.name: v for v in sam2_units(predictor)}
     memory = units["memory_attention.layers.0.self_attn"]

@@ -102,7 +102,7 @@ def test_w4a4_run_writes_complete_results(setup, fp_results, quant_results, caps
     assert set(calib["big"]) == {f"sam_mask_decoder.transformer.{s}" for s in sites}
     assert calib["acnr"]
     assert calib["weight_groups"] and all(1 <= g <= 4 for g in calib["weight_groups"].values())
-    recon = calib["reconstruction"]
+    recon = calib["reconstruction"]["report"]
     names = recon["unit_names"]
     # the AHCQ-SAM SAM2 code's units, in its order: Hiera attention / MLP / stage projection, the FPN neck,
     # memory-attention parts, memory-encoder parts, decoder sub-blocks and the final attention
@@ -129,8 +129,8 @@ def test_same_seed_same_quantized_result(setup, quant_results, tmp_path) -> None
     again = _run(setup, tmp_path, "--q_config", str(setup["qconfig"]), "--seed", "3")
     assert again["quant"] == quant_results["quant"]
     assert again["calibration"]["videos"] == quant_results["calibration"]["videos"]
-    losses = [u["loss_last"] for u in again["calibration"]["reconstruction"]["units"]]
-    assert losses == [u["loss_last"] for u in quant_results["calibration"]["reconstruction"]["units"]]
+    losses = [u["loss_last"] for u in again["calibration"]["reconstruction"]["report"]["units"]]
+    assert losses == [u["loss_last"] for u in quant_results["calibration"]["reconstruction"]["report"]["units"]]
 
 
 def _fails(argv: list[str], capsys, match: str, out: Path) -> None:
@@ -186,7 +186,7 @@ def test_video_reruns_are_refused_or_resumed_like_image_runs(setup, tmp_path, mo
     assert exc.value.code == 130 and (tmp_path / ".cut.partial" / "recon_state").is_dir()
     monkeypatch.setattr("ahcq.solver.recon.sam2.reconstruct_unit", real)
     resumed = _run(setup, tmp_path / "cut", *args)
-    assert resumed["calibration"]["reconstruction"]["resumed_at"] == 4
+    assert resumed["calibration"]["reconstruction"]["report"]["resumed_at"] == 4
     assert resumed["quant"] == whole["quant"] and resumed["fp"] == whole["fp"]
 
 
@@ -235,5 +235,5 @@ def test_full_ahcq_sam_preset_with_short_reconstruction(setup, tmp_path) -> None
     r = _run(setup, tmp_path / "out", "--q_config", str(qconfig), "--calib-videos", "2",
              "--calib-frames", "2")
     assert r["q_config"]["lnq"]["alphas"] == [0.001, 0.1, 1, 5, 10, 20, 50, 100, 200]
-    assert all(u["steps"] == 50 for us in r["calibration"]["reconstruction"].values() for u in us)
+    assert all(u["steps"] == 50 for u in r["calibration"]["reconstruction"]["report"]["units"])
     assert all(math.isfinite(r["quant"][k]) for k in METRICS)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ahcq.models.sam_quantize import quantize_sam
+from ahcq.models.sam_runner import Prompts, SamSample, decode_boxes, prepare_image
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.quantization.api import (
     NotFullyQuantizedError,
@@ -24,9 +25,6 @@ from ahcq.solver.feature_cache import CachedImage
 from ahcq.solver.pipeline import CalibSample
 from ahcq.solver.recon.sam import prepare_samples, reconstruct_sam, sam_chain
 from ahcq.solver.recon.sam_units import EncoderStageUnit
-from projects.instance_segment_anything.detector import SamSample
-from projects.instance_segment_anything.prompts.base import Prompts
-from projects.instance_segment_anything.sam_runner import decode_boxes, prepare_image
 
 SIZES = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, window_size=4,
              global_attn_indexes=(1, 3), out_chans=32, decoder_depth=2, decoder_heads=2, decoder_mlp_dim=64,

@@ -24,8 +24,6 @@ from tool_loader import load_tool
 
 from ahcq.data.shapes import CATEGORIES
 from ahcq.models.tiny_sam import build_tiny_sam
-from ahcq.quantization.config import parse_qconfig
-from ahcq.solver import pipeline
 from ahcq.solver.test_quant import main
 from projects.instance_segment_anything import GTBoxPrompt
 from projects.instance_segment_anything.registry import PROMPT_SOURCES
@@ -300,8 +298,3 @@ def test_second_run_reuses_cached_prompts(shapes):
     assert shapes["runs"]["w4a4"]["cache"] | {"dir": None} == {
         "dir": None, "calib": "hit", "eval": "hit", "prepared": 0}
 
-
-def test_reconstruction_is_skipped_only_when_disabled():
-    disabled = parse_qconfig({"a_qconfig": {"bit": 8}, "w_qconfig": {"bit": 8}, "recon": {"enabled": False}})
-    assert pipeline.reconstruct_step(None, [], disabled, torch.device("cpu"), Path("unused")) == {
-        "requested": False, "ran": False}

@@ -10,10 +10,11 @@ from ahcq.models.sam2_checkpoint import build_sam2_model
 from ahcq.quantization import api
 from ahcq.quantization.config import parse_qconfig
 from ahcq.quantization.quantizers import Mode
+from ahcq.solver.calibration import calibrate
 from ahcq.solver.recon.sam2 import record_calls
 from ahcq.solver.seeding import calibration_indices
 from ahcq.video import read_sav
-from ahcq.video.calibration import CalibrationClip, calibrate, select_clips
+from ahcq.video.calibration import CalibrationClip, select_clips, track_clip
 from ahcq.video.fixtures import make_moving_shapes_clip
 from ahcq.video.propagation import DEFAULT_TRACKING
 
@@ -63,10 +64,13 @@ def test_calibration_finalizes_every_quantizer_on_tracking(samples) -> None:
     torch.manual_seed(0)
     predictor = build_sam2_model("t", TINY, video=True)
     quantize_sam2(predictor, parse_qconfig(W8A8))
-    calibrate(predictor, select_clips(samples, 1, 1, seed=0), progress=False)
+    qconfig = parse_qconfig(W8A8)
+    track = lambda clip: track_clip(predictor, clip)  # noqa: E731
+    report = calibrate(predictor, select_clips(samples, 1, 1, seed=0), track, qconfig, big=[])
     quantizers = dict(api.iter_quantizers(predictor))
+    assert report.passes == 1 and all(bool(q.calibrated) for q in quantizers.values())
     assert any(n.startswith("memory_attention.") for n in quantizers)
     assert any(n.startswith("memory_encoder.") for n in quantizers)
     assert all(q.mode is Mode.OFF for q in quantizers.values())  # calibrating() restores the modes
-    with pytest.raises(ValueError, match="no calibration clips"):
-        calibrate(predictor, [], progress=False)
+    with pytest.raises(ValueError, match="at least one calibration image"):
+        calibrate(predictor, [], track, qconfig)

@@ -39,6 +39,7 @@ from ahcq.solver.recon.sam_units import (
     EncoderStageUnit,
     FinalAttnUnit,
     NeckUnit,
+    Part,
     Prompted,
     decoder_inputs,
     encoder_stages,
@@ -53,7 +54,6 @@ __all__ = ["BLOCKS_MAX_BOXES", "FINAL_ITERS_FACTOR", "SamChain", "box_cap", "pre
 
 BLOCKS_MAX_BOXES = 32
 FINAL_ITERS_FACTOR = 5
-DECODER_PARTS = ("self_attn", "cross_attn_token_to_image", "mlp", "cross_attn_image_to_token")
 
 
 def _first_feed(prev: Any, own: Inputs) -> Inputs:
@@ -148,9 +148,8 @@ def sam_chain(sam: Sam, qconfig: QConfig, par: bool | None = None) -> SamChain:
             decoder.append(ReconUnit(name, module, output=(0, 1, 2) if par else (0, 1), feed=_stream_feed,
                                      weights=weights))
             continue
-        for part in DECODER_PARTS:
-            output = 1 if part == "cross_attn_image_to_token" else 0
-            decoder.append(ReconUnit(f"{name}.{part}", DecoderPart(layer, part), output=output,
+        for part in Part:
+            decoder.append(ReconUnit(f"{name}.{part.attr}", DecoderPart(layer, part), output=part.stream,
                                      feed=_stream_feed))
     final = qconfig.recon.iters * FINAL_ITERS_FACTOR if stages else None
     decoder.append(ReconUnit("mask_decoder.transformer.final_attn_token_to_image", FinalAttnUnit(transformer),

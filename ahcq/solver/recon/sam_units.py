@@ -19,6 +19,7 @@ engine never trains, drops or hardens their quantizers.
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from torch import nn
 from ahcq.quantization.api import quantization_disabled
 
 __all__ = [
-    "DecoderLayerUnit", "DecoderPart", "EncoderAttnUnit", "EncoderMlpUnit", "EncoderStageUnit",
+    "DecoderLayerUnit", "DecoderPart", "EncoderAttnUnit", "Part", "EncoderMlpUnit", "EncoderStageUnit",
     "FinalAttnUnit", "NeckUnit", "Prompted", "decoder_inputs", "encoder_stages", "float_transformer_keys",
 ]
 
@@ -145,35 +146,45 @@ def encoder_stages(blocks: Sequence[nn.Module]) -> list[list[int]]:
     return [s for s in stages if s]
 
 
+class Part(enum.Enum):
+    """The sub-blocks of a two-way layer in forward order: the upstream attribute and the norm after it."""
+
+    SELF_ATTN = ("self_attn", "norm1")
+    TOKEN_TO_IMAGE = ("cross_attn_token_to_image", "norm2")
+    MLP = ("mlp", "norm3")
+    IMAGE_TO_TOKEN = ("cross_attn_image_to_token", "norm4")
+
+    @property
+    def attr(self) -> str:
+        return self.value[0]
+
+    @property
+    def stream(self) -> int:
+        """The stream the sub-block changes: 1 (keys) for image->token, 0 (queries) for the others."""
+        return 1 if self is Part.IMAGE_TO_TOKEN else 0
+
+
 class DecoderPart(nn.Module):
-    """One sub-block of a two-way layer on the ``(queries, keys)`` stream, residual add and norm included.
+    """One sub-block of a two-way layer on the ``(queries, keys)`` stream, residual add and norm included."""
 
-    ``part``: ``self_attn``, ``cross_attn_token_to_image``, ``mlp`` or ``cross_attn_image_to_token``.
-    """
-
-    NORMS = {"self_attn": "norm1", "cross_attn_token_to_image": "norm2", "mlp": "norm3",
-             "cross_attn_image_to_token": "norm4"}
-
-    def __init__(self, layer: nn.Module, part: str) -> None:
+    def __init__(self, layer: nn.Module, part: Part) -> None:
         super().__init__()
-        if part not in self.NORMS:
-            raise ValueError(f"unknown two-way layer part {part!r}; parts are {list(self.NORMS)}")
-        self.part = part
-        self.block = getattr(layer, part)
-        self.norm = getattr(layer, self.NORMS[part])
-        self.skip_pe = part == "self_attn" and layer.skip_first_layer_pe
+        self.part = Part(part)
+        self.block = getattr(layer, self.part.attr)
+        self.norm = getattr(layer, self.part.value[1])
+        self.skip_pe = self.part is Part.SELF_ATTN and layer.skip_first_layer_pe
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
                 key_pe: torch.Tensor) -> Stream:
-        if self.part == "self_attn":
+        if self.part is Part.SELF_ATTN:
             if self.skip_pe:
                 return self.norm(self.block(q=queries, k=queries, v=queries)), keys
             q = queries + query_pe
             return self.norm(queries + self.block(q=q, k=q, v=queries)), keys
-        if self.part == "mlp":
+        if self.part is Part.MLP:
             return self.norm(queries + self.block(queries)), keys
         q, k = queries + query_pe, keys + key_pe
-        if self.part == "cross_attn_token_to_image":
+        if self.part is Part.TOKEN_TO_IMAGE:
             return self.norm(queries + self.block(q=q, k=k, v=keys)), keys
         return queries, self.norm(keys + self.block(q=k, k=q, v=queries))
 
