@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ahcq.yaml_schema import SchemaError, bad_value, check_keys, read_yaml, require_mapping
 
 from .dialects import ConfigWarning, apply_dialect
 from .quantizers.cag import GroupRange
@@ -97,7 +97,7 @@ DEFAULT_LNQ_ALPHAS = (0.001, 0.1, 1.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
 _INCLUDE_KEYS = ("base", "root")
 
 
-class ConfigError(ValueError):
+class ConfigError(SchemaError):
     """A quantization config is malformed or holds an unknown key or a bad value."""
 
 
@@ -589,7 +589,7 @@ class _Ctx:
         return ConfigError(f"{self.file_of(path)}: {where}{message}")
 
     def bad_value(self, path: str, value: Any, expected: str) -> ConfigError:
-        return self.error(path, f"{value!r} is not allowed; expected {expected}")
+        return bad_value(self.file_of(path), path, value, expected, ConfigError)
 
 
 def _yaml_keys(cls: type) -> dict[str, dataclasses.Field]:
@@ -597,16 +597,11 @@ def _yaml_keys(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _require_mapping(ctx: _Ctx, path: str, data: Any) -> dict:
-    if not isinstance(data, dict):
-        raise ctx.bad_value(path, data, "a mapping of keys to values")
-    return data
+    return require_mapping(ctx.file_of(path), path, data, ConfigError)
 
 
 def _check_known(ctx: _Ctx, path: str, data: dict, allowed: Sequence[str]) -> None:
-    for key in data:
-        if key not in allowed:
-            where = f"{path}.{key}" if path else str(key)
-            raise ctx.error(where, f"unknown key {key!r}; allowed keys: {', '.join(allowed)}")
+    check_keys(ctx.file_of(path), path, data, allowed, ConfigError)
 
 
 def _parse_fields(cls: type, data: Any, ctx: _Ctx, path: str) -> dict[str, Any]:
@@ -750,19 +745,7 @@ def schema_keys() -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ loading
 def _read_yaml(path: Path, shown: str) -> Any:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{shown}: file not found") from None
-    except OSError as err:
-        raise ConfigError(f"{shown}: cannot read: {err.strerror}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{shown}: {line}malformed YAML: {problem}") from None
+    return read_yaml(path, shown, ConfigError)
 
 
 def _merge(base: dict, child: dict, origins: dict[str, str], child_file: str, prefix: str = "") -> dict:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from hydra.errors import HydraException
 
 from ahcq.models.sam2 import quantize_sam2
@@ -47,6 +46,7 @@ from ahcq.video import VOSReport, evaluate, read_dataset
 from ahcq.video.calibration import CalibrationClip, select_clips, track_clip
 from ahcq.video.fixtures import make_moving_shapes_clip
 from ahcq.video.propagation import TrackedPredictions, TrackOptions
+from ahcq.yaml_schema import SchemaError, check_keys, read_yaml, require_mapping
 
 logger = logging.getLogger("ahcq.solver.test_quant_video")
 REPO = Path(__file__).resolve().parents[2]
@@ -110,21 +110,15 @@ def _read_config(config: str) -> tuple[dict[str, Any], str]:
     """The run config as a dict (a YAML of ours, or a sam2 config name with nothing else), and its name."""
     path = Path(config)
     if path.suffix in (".yaml", ".yml") and path.is_file():
+        source = str(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a mapping with sections {sorted(_SECTIONS)}")
-        for key, value in data.items():
-            if key not in _SECTIONS:
-                raise UserError(f"{path}: unknown section {key!r}; allowed: {sorted(_SECTIONS)}")
-            if not isinstance(value, dict):
-                raise UserError(f"{path}: section {key!r} must be a mapping")
-            unknown = sorted(set(value) - _SECTIONS[key])
-            if unknown:
-                raise UserError(f"{path}: unknown key {key}.{unknown[0]}; allowed: {sorted(_SECTIONS[key])}")
-        return _expand(data), str(path)
+            data = require_mapping(source, "", read_yaml(path) or {})
+            check_keys(source, "", data, _SECTIONS)
+            for key, value in data.items():
+                check_keys(source, key, require_mapping(source, key, value), sorted(_SECTIONS[key]))
+        except SchemaError as err:
+            raise UserError(str(err)) from None
+        return _expand(data), source
     try:
         resolve_config(config)
     except ValueError as err:

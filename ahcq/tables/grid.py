@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ahcq.quantization.config import ConfigError, load_qconfig
+from ahcq.yaml_schema import SchemaError, bad_value, check_keys, read_yaml, require_mapping
 
 __all__ = ["Cell", "ModelSpec", "Plan", "Ref", "Spec", "SpecError", "TableSpec", "load_spec", "plan_tables"]
 
@@ -30,7 +31,7 @@ RUN_KEYS = {"quant_encoder": bool, "seed": int, "seeds": list, "limit": int, "ca
             "calib_max_boxes": int}
 
 
-class SpecError(ValueError):
+class SpecError(SchemaError):
     """A table spec is malformed; the message names the file and the key."""
 
 
@@ -298,14 +299,11 @@ class _Reader:
         self.path = path
 
     def fail(self, key: str, expected: str, value: Any) -> SpecError:
-        return SpecError(f"{self.path}: {key}: {value!r} is not allowed; expected {expected}")
+        return bad_value(str(self.path), key, value, expected, SpecError)
 
     def mapping(self, data: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise self.fail(key, "a mapping", data)
-        for k in data:
-            if k not in allowed:
-                raise SpecError(f"{self.path}: {key}.{k}: unknown key; allowed keys: {', '.join(allowed)}")
+        data = require_mapping(str(self.path), key, data, SpecError)
+        check_keys(str(self.path), key, data, allowed, SpecError)
         return data
 
     def items(self, data: Any, key: str, kind: type, min_len: int = 1) -> list[Any]:
@@ -320,7 +318,7 @@ class _Reader:
             path = self.path.parent / data
             if not path.is_file():
                 raise SpecError(f"{self.path}: {key}: overlay file {data!r} not found (relative to the spec)")
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml(path, cls=SpecError) or {}
             if "base" in data or "root" in data:
                 raise SpecError(f"{self.path}: {key}: an overlay may not include a base")
         if not isinstance(data, dict):
@@ -426,7 +424,7 @@ def load_spec(path: str | Path) -> Spec:
     if not path.is_file():
         raise SpecError(f"--spec: no such file {str(path)!r}")
     r = _Reader(path)
-    data = r.mapping(yaml.safe_load(path.read_text()), "<top>",
+    data = r.mapping(read_yaml(path, cls=SpecError), "",
                      ("title", "caption", "metric", "run", "overlays", "models", "tables"))
     models = _models(r, data.get("models"))
     tables = [_table(r, t, i, models) for i, t in enumerate(r.items(data.get("tables"), "tables", dict))]

@@ -148,7 +148,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path, capsys) -> N
            "none.pt", out)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**config, "dataset": {**config["dataset"], "rooot": "x"}}))
-    _fails(["--config", str(bad), "--fp-only"], capsys, "unknown key dataset.rooot", out)
+    _fails(["--config", str(bad), "--fp-only"], capsys, "dataset.rooot: unknown key 'rooot'", out)
     _fails(["--config", str(setup["config"]), "--fp-only", "--data-root", str(tmp_path / "nowhere")], capsys,
            "nowhere", out)
     pcc = tmp_path / "pcc.yaml"
