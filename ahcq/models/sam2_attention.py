@@ -66,7 +66,7 @@ class _Sam2SlottedAttention(SlottedAttention):
         """
         if self._prob_is_identity():
             return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p if self.training else 0.0)
-        scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+        scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # ... x N_q x N_k
         # without autograd the probabilities overwrite the scores (same bits, one large buffer fewer)
         probs = scores.softmax(dim=-1) if scores.requires_grad else torch.softmax(scores, -1, out=scores)
         attn = self.prob_quantizer(probs, value=v)
@@ -88,16 +88,17 @@ class QuantHieraAttention(_Sam2SlottedAttention, MultiScaleAttention):
         self.proj = attn.proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, _ = x.shape
+        b, h, w, _ = x.shape  # B x H x W x C
+        # q, k, v: B x HW x N_heads x C_per_head
         q, k, v = torch.unbind(self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1), 2)
-        if self.q_pool:
+        if self.q_pool:  # pooled queries: B x H' x W' x C -> B x H'W' x N_heads x C_per_head
             q = do_pool(q.reshape(b, h, w, -1), self.q_pool)
             h, w = q.shape[1:3]
             q = q.reshape(b, h * w, self.num_heads, -1)
-        q = self.q_quantizer(q.transpose(1, 2))
-        k = self.k_quantizer(k.transpose(1, 2))
+        q = self.q_quantizer(q.transpose(1, 2))  # B x N_heads x N_q x C_per_head
+        k = self.k_quantizer(k.transpose(1, 2))  # B x N_heads x N_k x C_per_head
         v = self.v_quantizer(v.transpose(1, 2))
-        out = self._attend(q, k, v).transpose(1, 2).reshape(b, h, w, -1)
+        out = self._attend(q, k, v).transpose(1, 2).reshape(b, h, w, -1)  # B x H' x W' x C
         return self.proj(out)
 
 
@@ -117,6 +118,7 @@ class QuantSam2Attention(_Sam2SlottedAttention, Attention):
         return self._separate_heads(x, self.num_heads)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # B x N_tokens x C projections, quantized per channel, then B x N_heads x N_tokens x C_per_head
         q = self._heads(self.q_quantizer(self.q_proj(q)))
         k = self._heads(self.k_quantizer(self.k_proj(k)))
         v = self._heads(self.v_quantizer(self.v_proj(v)))
@@ -154,6 +156,7 @@ class QuantRoPEAttention(QuantSam2Attention, RoPEAttention):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0
     ) -> torch.Tensor:
+        # B x N_heads x N_tokens x C_per_head, rotated (the last num_k_exclude_rope keys are not)
         q, k = self._rope(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), num_k_exclude_rope)
         q, k = self.q_quantizer(q), self.k_quantizer(k)
         v = self.v_quantizer(self._heads(self.v_proj(v)))

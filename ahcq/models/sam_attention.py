@@ -84,19 +84,22 @@ class QuantEncoderAttention(SlottedAttention):
             self.rel_pos_w = attn.rel_pos_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, _ = x.shape
+        b, h, w, _ = x.shape  # B x H x W x C (a window or the whole grid)
+        # qkv: 3 x B x N_heads x HW x C_per_head
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        # q, k, v: B*N_heads x HW x C_per_head
         q_float, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
         q = self.q_quantizer(q_float)
         k = self.k_quantizer(k)
         v = self.v_quantizer(v)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # B*N_heads x HW x HW
         if self.use_rel_pos:
             q_rel = q_float if self.rel_pos_float_q else q
             attn = sam_image_encoder.add_decomposed_rel_pos(
                 attn, q_rel, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)
             )
         attn = self.prob_quantizer(attn.softmax(dim=-1), value=v)
+        # B*N_heads x HW x C_per_head -> B x H x W x N_heads x C_per_head -> B x H x W x C
         x = (attn @ v).view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(x)
 
@@ -121,17 +124,18 @@ class QuantDecoderAttention(SlottedAttention):
         self.out_proj = attn.out_proj
 
     def _separate_heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
+        b, n, c = x.shape  # B x N_tokens x C -> B x N_heads x N_tokens x C_per_head
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # input projections (quantized on the channels of their outputs), then the head split
         q = self._separate_heads(self.q_quantizer(self.q_proj(q)))
         k = self._separate_heads(self.k_quantizer(self.k_proj(k)))
         v = self._separate_heads(self.v_quantizer(self.v_proj(v)))
-        attn = q @ k.permute(0, 1, 3, 2)
+        attn = q @ k.permute(0, 1, 3, 2)  # B x N_heads x N_tokens x N_tokens
         attn = attn / math.sqrt(q.shape[-1])
         attn = self.prob_quantizer(torch.softmax(attn, dim=-1), value=v)
-        out = attn @ v
+        out = attn @ v  # B x N_heads x N_tokens x C_per_head
         b, n_heads, n_tokens, c_per_head = out.shape
-        out = out.transpose(1, 2).reshape(b, n_tokens, n_heads * c_per_head)
+        out = out.transpose(1, 2).reshape(b, n_tokens, n_heads * c_per_head)  # B x N_tokens x C
         return self.out_proj(out)
