@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from ahcq.models.roles import RoleAssignment, matching
-from ahcq.models.sam_attention import ATTENTION_SLOTS, EmptySlot
+from ahcq.models.sam_attention import ATTENTION_SLOTS
 from ahcq.quantization import api
 from ahcq.quantization.recipe import SiteFields, UserOverrides
 
@@ -33,8 +33,8 @@ def input_sites(role_map: list[RoleAssignment]) -> SiteFields:
 
 def _slot_quantizer(
     name: str, slot: str, base: api.QuantSpec, role_map: list[RoleAssignment], user: UserOverrides, label: str
-) -> nn.Module:
-    """The quantizer of ``<name>.<slot>_quantizer`` (an ``EmptySlot`` when an override keeps it float)."""
+) -> nn.Module | None:
+    """The quantizer of ``<name>.<slot>_quantizer`` (``None`` when an override keeps it float)."""
     rows = matching(role_map, name, slot)
     if not rows:
         raise RuntimeError(f"attention slot {name}.{slot} is not covered by the {label}")
@@ -46,7 +46,7 @@ def _slot_quantizer(
         if not api.name_matches(pattern, full):
             continue
         if override is None:
-            return EmptySlot()
+            return None
         if "act" in override:
             spec = spec.updated(override["act"], f"override {pattern!r} [act]")
     return api.build_quantizer(spec, rows[-1].role, full)

@@ -4,9 +4,9 @@ sam2 runs every attention through the fused ``F.scaled_dot_product_attention``, 
 softmax and ``probs·v``. The twins re-express it explicitly (``softmax(q·kᵀ·scale)·v``, the same default
 scale ``1/sqrt(head_dim)``) with the slots of the SAM twins (``q``, ``k``, ``v``, ``prob``), so one solver,
 BIG transform and exporter serve SAM and SAM2 alike. A twin reuses the original Linear children, q-pool and
-RoPE tables (no copies). While the ``prob`` slot is the identity (an ``EmptySlot`` or a quantizer in
-``Mode.OFF``) the probabilities need not exist, so the twin keeps upstream's fused call: with empty slots it
-is bit-identical to upstream, and float passes of a quantized model keep the fused kernel's speed. The
+RoPE tables (no copies). While the ``prob`` slot is the identity (empty, or a quantizer in ``Mode.OFF``)
+the probabilities need not exist, so the twin keeps upstream's fused call: with empty slots it is
+bit-identical to upstream, and float passes of a quantized model keep the fused kernel's speed. The
 explicit path differs from the fused kernel only by float rounding (measured in the parity tests).
 
 Each twin is also an instance of its upstream class (whose constructor it does not run), because sam2
@@ -32,7 +32,8 @@ from sam2.modeling.position_encoding import apply_rotary_enc
 from sam2.modeling.sam.transformer import Attention, RoPEAttention
 from torch import nn
 
-from ahcq.models.sam_attention import EmptySlot, SlottedAttention
+from ahcq.models.sam_attention import SlottedAttention
+from ahcq.quantization.layers import apply_slot
 from ahcq.quantization.quantizers import Mode, Quantizer
 
 __all__ = [
@@ -56,7 +57,7 @@ class _Sam2SlottedAttention(SlottedAttention):
     def _prob_is_identity(self) -> bool:
         """Whether nothing needs the probabilities (an empty slot or a switched-off quantizer)."""
         prob = self.prob_quantizer
-        return type(prob) is EmptySlot or (isinstance(prob, Quantizer) and prob.mode is Mode.OFF)
+        return prob is None or (isinstance(prob, Quantizer) and prob.mode is Mode.OFF)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``softmax(q·kᵀ/sqrt(d))·v`` on ``[..., tokens, head_dim]`` operands, with the prob slot.
@@ -69,7 +70,7 @@ class _Sam2SlottedAttention(SlottedAttention):
         scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # ... x N_q x N_k
         # without autograd the probabilities overwrite the scores (same bits, one large buffer fewer)
         probs = scores.softmax(dim=-1) if scores.requires_grad else torch.softmax(scores, -1, out=scores)
-        attn = self.prob_quantizer(probs, value=v)
+        attn = apply_slot(self.prob_quantizer, probs, value=v)
         if self.training and self.dropout_p > 0.0:
             attn = F.dropout(attn, self.dropout_p)
         return attn @ v
@@ -95,9 +96,9 @@ class QuantHieraAttention(_Sam2SlottedAttention, MultiScaleAttention):
             q = do_pool(q.reshape(b, h, w, -1), self.q_pool)
             h, w = q.shape[1:3]
             q = q.reshape(b, h * w, self.num_heads, -1)
-        q = self.q_quantizer(q.transpose(1, 2))  # B x N_heads x N_q x C_per_head
-        k = self.k_quantizer(k.transpose(1, 2))  # B x N_heads x N_k x C_per_head
-        v = self.v_quantizer(v.transpose(1, 2))
+        q = apply_slot(self.q_quantizer, q.transpose(1, 2))  # B x N_heads x N_q x C_per_head
+        k = apply_slot(self.k_quantizer, k.transpose(1, 2))  # B x N_heads x N_k x C_per_head
+        v = apply_slot(self.v_quantizer, v.transpose(1, 2))
         out = self._attend(q, k, v).transpose(1, 2).reshape(b, h, w, -1)  # B x H' x W' x C
         return self.proj(out)
 
@@ -119,9 +120,9 @@ class QuantSam2Attention(_Sam2SlottedAttention, Attention):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # B x N_tokens x C projections, quantized per channel, then B x N_heads x N_tokens x C_per_head
-        q = self._heads(self.q_quantizer(self.q_proj(q)))
-        k = self._heads(self.k_quantizer(self.k_proj(k)))
-        v = self._heads(self.v_quantizer(self.v_proj(v)))
+        q = self._heads(apply_slot(self.q_quantizer, self.q_proj(q)))
+        k = self._heads(apply_slot(self.k_quantizer, self.k_proj(k)))
+        v = self._heads(apply_slot(self.v_quantizer, self.v_proj(v)))
         return self.out_proj(self._recombine_heads(self._attend(q, k, v)))
 
 
@@ -158,8 +159,8 @@ class QuantRoPEAttention(QuantSam2Attention, RoPEAttention):
     ) -> torch.Tensor:
         # B x N_heads x N_tokens x C_per_head, rotated (the last num_k_exclude_rope keys are not)
         q, k = self._rope(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), num_k_exclude_rope)
-        q, k = self.q_quantizer(q), self.k_quantizer(k)
-        v = self.v_quantizer(self._heads(self.v_proj(v)))
+        q, k = apply_slot(self.q_quantizer, q), apply_slot(self.k_quantizer, k)
+        v = apply_slot(self.v_quantizer, self._heads(self.v_proj(v)))
         return self.out_proj(self._recombine_heads(self._attend(q, k, v)))
 
 

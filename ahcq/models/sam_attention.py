@@ -5,8 +5,9 @@ them. The twins re-express the same forward with named quantizer slots between t
 from an upstream instance and reuses its Linear children and rel-pos parameters (no copies); with every slot
 empty it performs the upstream ops in the upstream order, so its output is bit-identical.
 
-Slots (``ATTENTION_SLOTS``): ``q``, ``k``, ``v`` and ``prob`` (the softmax output). Each holds either an
-``EmptySlot`` (identity) or a quantizer; quantizers receive side inputs as keywords (``value=`` for the
+Slots (``ATTENTION_SLOTS``): ``q``, ``k``, ``v`` and ``prob`` (the softmax output). Each holds a quantizer
+or ``None`` (the identity, as an empty slot of ``QuantLinear``); quantizers receive side inputs as keywords
+(``value=`` for the
 value-aware probability quantizers AGQ/LNQ, given the *quantized* v that ``attn·v`` really multiplies).
 The slots live on the twin rather than in ``QuantMatMul`` operand slots because one quantized q feeds both
 ``q·kᵀ`` and the rel-pos term, and one quantized v feeds both ``attn·v`` and the probability quantizer's
@@ -19,25 +20,19 @@ both ``q·kᵀ`` and ``q·R`` in hardware). SAQ-SAM uses the float query; set ``
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from segment_anything.modeling import image_encoder as sam_image_encoder
 from segment_anything.modeling import transformer as sam_transformer
 from torch import nn
 
+from ahcq.quantization.layers import apply_slot
+
 __all__ = [
-    "ATTENTION_SLOTS", "EmptySlot", "QuantDecoderAttention", "QuantEncoderAttention", "SlottedAttention",
+    "ATTENTION_SLOTS", "QuantDecoderAttention", "QuantEncoderAttention", "SlottedAttention",
 ]
 
 ATTENTION_SLOTS = ("q", "k", "v", "prob")
-
-
-class EmptySlot(nn.Module):
-    """Identity placeholder for a quantizer slot; accepts (and ignores) the side inputs quantizers take."""
-
-    def forward(self, x: torch.Tensor, **ctx: Any) -> torch.Tensor:
-        return x
 
 
 class SlottedAttention(nn.Module):
@@ -50,19 +45,19 @@ class SlottedAttention(nn.Module):
 
     def _empty_slots(self) -> None:
         for slot in ATTENTION_SLOTS:
-            self.add_module(f"{slot}_quantizer", EmptySlot())
+            self.register_module(f"{slot}_quantizer", None)
 
     def _slot_attr(self, slot: str) -> str:
         if slot not in ATTENTION_SLOTS:
             raise KeyError(f"{type(self).__name__} has no slot {slot!r}; slots are {ATTENTION_SLOTS}")
         return f"{slot}_quantizer"
 
-    def set_quantizer(self, slot: str, quantizer: nn.Module) -> None:
-        """Install ``quantizer`` in ``slot`` (one of ``ATTENTION_SLOTS``)."""
-        self.add_module(self._slot_attr(slot), quantizer)
+    def set_quantizer(self, slot: str, quantizer: nn.Module | None) -> None:
+        """Install ``quantizer`` in ``slot`` (one of ``ATTENTION_SLOTS``); ``None`` empties it."""
+        self.register_module(self._slot_attr(slot), quantizer)
 
-    def quantizer(self, slot: str) -> nn.Module:
-        """The module in ``slot`` (an ``EmptySlot`` when none is installed)."""
+    def quantizer(self, slot: str) -> nn.Module | None:
+        """The module in ``slot`` (``None`` when the slot is empty)."""
         return getattr(self, self._slot_attr(slot))
 
 
@@ -89,16 +84,16 @@ class QuantEncoderAttention(SlottedAttention):
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         # q, k, v: B*N_heads x HW x C_per_head
         q_float, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
-        q = self.q_quantizer(q_float)
-        k = self.k_quantizer(k)
-        v = self.v_quantizer(v)
+        q = apply_slot(self.q_quantizer, q_float)
+        k = apply_slot(self.k_quantizer, k)
+        v = apply_slot(self.v_quantizer, v)
         attn = (q * self.scale) @ k.transpose(-2, -1)  # B*N_heads x HW x HW
         if self.use_rel_pos:
             q_rel = q_float if self.rel_pos_float_q else q
             attn = sam_image_encoder.add_decomposed_rel_pos(
                 attn, q_rel, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)
             )
-        attn = self.prob_quantizer(attn.softmax(dim=-1), value=v)
+        attn = apply_slot(self.prob_quantizer, attn.softmax(dim=-1), value=v)
         # B*N_heads x HW x C_per_head -> B x H x W x N_heads x C_per_head -> B x H x W x C
         x = (attn @ v).view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(x)
@@ -129,12 +124,12 @@ class QuantDecoderAttention(SlottedAttention):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # input projections (quantized on the channels of their outputs), then the head split
-        q = self._separate_heads(self.q_quantizer(self.q_proj(q)))
-        k = self._separate_heads(self.k_quantizer(self.k_proj(k)))
-        v = self._separate_heads(self.v_quantizer(self.v_proj(v)))
+        q = self._separate_heads(apply_slot(self.q_quantizer, self.q_proj(q)))
+        k = self._separate_heads(apply_slot(self.k_quantizer, self.k_proj(k)))
+        v = self._separate_heads(apply_slot(self.v_quantizer, self.v_proj(v)))
         attn = q @ k.permute(0, 1, 3, 2)  # B x N_heads x N_tokens x N_tokens
         attn = attn / math.sqrt(q.shape[-1])
-        attn = self.prob_quantizer(torch.softmax(attn, dim=-1), value=v)
+        attn = apply_slot(self.prob_quantizer, torch.softmax(attn, dim=-1), value=v)
         out = attn @ v  # B x N_heads x N_tokens x C_per_head
         b, n_heads, n_tokens, c_per_head = out.shape
         out = out.transpose(1, 2).reshape(b, n_tokens, n_heads * c_per_head)  # B x N_tokens x C

@@ -22,7 +22,7 @@ from torch import nn
 
 from .quantizers.base import Quantizer
 
-__all__ = ["QuantConv2d", "QuantLayer", "QuantLinear", "QuantMatMul"]
+__all__ = ["QuantConv2d", "QuantLayer", "QuantLinear", "QuantMatMul", "apply_slot"]
 
 
 def _check_slot(q: Quantizer | None, slot: str) -> Quantizer | None:
@@ -31,7 +31,9 @@ def _check_slot(q: Quantizer | None, slot: str) -> Quantizer | None:
     return q
 
 
-def _apply(q: Quantizer | None, x: torch.Tensor, **ctx) -> torch.Tensor:
+def apply_slot(q: nn.Module | None, x: torch.Tensor, **ctx: object) -> torch.Tensor:
+    """A quantizer slot on ``x``: the identity when the slot is empty (``None``), else its module with the
+    side inputs (``next_layer=``, ``value=``)."""
     return x if q is None else q(x, **ctx)
 
 
@@ -57,9 +59,9 @@ class QuantLayer(nn.Module):
         return self._op(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _apply(self.input_quantizer, x, next_layer=self.float_forward)
-        w = _apply(self.weight_quantizer, self.weight)
-        return _apply(self.output_quantizer, self._op(x, w))
+        x = apply_slot(self.input_quantizer, x, next_layer=self.float_forward)
+        w = apply_slot(self.weight_quantizer, self.weight)
+        return apply_slot(self.output_quantizer, self._op(x, w))
 
     def remember_float_weight(self) -> None:
         """Keep the weight as it is now as the layer's float reference (once: the first call wins), before
@@ -193,4 +195,4 @@ class QuantMatMul(nn.Module):
         self.b_quantizer = _check_slot(b_quantizer, "b_quantizer")
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(_apply(self.a_quantizer, a, value=b), _apply(self.b_quantizer, b))
+        return torch.matmul(apply_slot(self.a_quantizer, a, value=b), apply_slot(self.b_quantizer, b))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ahcq.models.sam_attention import EmptySlot
 from ahcq.quantization import api
 from ahcq.quantization.quantizers import Role
 
@@ -16,7 +15,15 @@ def kinds(model: nn.Module) -> dict[str, tuple[str, Role]]:
     return {name: (type(q).__name__, q.role) for name, q in api.iter_quantizers(model)}
 
 
-class Recorder(EmptySlot):
+class IdentitySlot(nn.Module):
+    """An identity module in a quantizer slot (accepts the side inputs quantizers take); unlike an empty
+    slot it is a module that runs."""
+
+    def forward(self, x: torch.Tensor, **ctx) -> torch.Tensor:
+        return x
+
+
+class Recorder(IdentitySlot):
     """Identity slot that records what it sees (shape and side inputs)."""
 
     def __init__(self) -> None:

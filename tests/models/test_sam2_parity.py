@@ -1,7 +1,7 @@
 """SAM2 twins against upstream sam2 (random weights, reduced builds).
 
 With empty slots a twin keeps upstream's fused attention call and must match bit for bit. With a slot in
-the probabilities (here an identity that is not an ``EmptySlot``) it runs the explicit attention that
+the probabilities (here an identity module in the slot) it runs the explicit attention that
 quantization needs. Its tolerance: upstream's ``F.scaled_dot_product_attention`` runs a fused CPU kernel
 that accumulates the softmax blockwise (online max/sum) in another order than the explicit
 ``softmax(q·kᵀ·scale)·v``; in float32 this moves outputs of magnitude ~1-3 by at most ~3e-6 (measured:
@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from model_helpers import Recorder
+from model_helpers import IdentitySlot, Recorder
 from PIL import Image
 from sam2.modeling.backbones.hieradet import MultiScaleAttention
 from sam2.modeling.sam.transformer import Attention, RoPEAttention
@@ -30,7 +30,6 @@ from ahcq.models.sam2_attention import (
     QuantSam2Attention,
 )
 from ahcq.models.sam2_checkpoint import build_sam2_model, reduced_overrides
-from ahcq.models.sam_attention import EmptySlot
 
 ATOL = 2e-5
 SIZE = 128
@@ -51,7 +50,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-class ExplicitIdentity(EmptySlot):
+class ExplicitIdentity(IdentitySlot):
     """An identity probability slot; unlike an empty slot it makes the twin compute the probabilities."""
 
 
@@ -63,7 +62,7 @@ def explicit(model: nn.Module) -> nn.Module:
     return model
 
 
-class Coarse(EmptySlot):
+class Coarse(IdentitySlot):
     """A visible stand-in for a quantizer: rounds to a coarse grid."""
 
     def forward(self, x: torch.Tensor, **ctx) -> torch.Tensor:
@@ -125,7 +124,7 @@ def test_rope_twin_excludes_pointer_tokens_and_quantizes_after_rope() -> None:
     twin = QuantRoPEAttention(attn).eval()
     seen: dict[str, torch.Tensor] = {}
 
-    class Keep(EmptySlot):
+    class Keep(IdentitySlot):
         def forward(self, x: torch.Tensor, **ctx) -> torch.Tensor:
             seen["k"] = x.clone()
             return x

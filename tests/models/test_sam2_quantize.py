@@ -13,7 +13,6 @@ from torch import nn
 from ahcq.models.sam2 import DEFAULT_KEEP_FLOAT, quantize_sam2
 from ahcq.models.sam2_attention import QuantHieraAttention, QuantRoPEAttention, QuantSam2Attention
 from ahcq.models.sam2_roles import sam2_big_sites, sam2_role_map
-from ahcq.models.sam_attention import EmptySlot
 from ahcq.quantization import api
 from ahcq.quantization.config import load_qconfig, parse_qconfig
 from ahcq.quantization.layers import QuantConv2d, QuantLinear
@@ -140,7 +139,7 @@ def test_overrides_keep_float_and_uncovered_layers_fail_loudly() -> None:
     names = dict(api.iter_quantizers(model))
     assert not any(n.startswith(("memory_encoder", "memory_attention.layers.1.")) for n in names)
     attn = model.memory_attention.layers[1].self_attn
-    assert isinstance(attn, QuantRoPEAttention) and isinstance(attn.q_quantizer, EmptySlot)
+    assert isinstance(attn, QuantRoPEAttention) and attn.q_quantizer is None
     assert type(model.memory_attention.layers[1].linear1) is nn.Linear
     final = f"{DEC}.final_attn_token_to_image"
     assert names[f"{final}.q_quantizer"].bits == 4

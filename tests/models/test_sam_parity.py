@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import Recorder
+from model_helpers import IdentitySlot, Recorder
 from segment_anything.modeling import image_encoder as sam_image_encoder
 from segment_anything.modeling import transformer as sam_transformer
 from torch import nn
 
 from ahcq.models import (
-    EmptySlot,
     QuantDecoderAttention,
     QuantEncoderAttention,
     build_sam,
@@ -163,7 +162,7 @@ def test_rel_pos_uses_quantized_query_unless_configured() -> None:
     attn = sam.image_encoder.blocks[0].attn
     x = torch.randn(4, 14, 14, 48)
 
-    class Coarse(EmptySlot):
+    class Coarse(IdentitySlot):
         def forward(self, t: torch.Tensor, **ctx) -> torch.Tensor:
             return torch.round(t * 2) / 2
 
