@@ -36,6 +36,7 @@ from ahcq.models.sam_roles import big_sites
 from ahcq.models.sam_runner import decode_boxes
 from ahcq.progress import progress_bar
 from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
+from ahcq.seeding import calibration_indices, seed_everything
 from ahcq.solver.calibration import BIG_IMAGES
 from ahcq.solver.cli import Interrupted, UserError
 from ahcq.solver.evaluation import NonFiniteOutput, build_split, evaluate, pipeline_items
@@ -53,7 +54,6 @@ from ahcq.solver.run_checks import (
     check_image_files,
 )
 from ahcq.solver.run_identity import RunFolder, RunMismatch, code_version, digest, weights_digest
-from ahcq.solver.seeding import calibration_indices, seed_everything
 
 __all__ = ["CalibSample", "Interrupted", "RunOptions", "UserError", "calibration_choice", "run", "sam_ptq"]
 

@@ -35,13 +35,13 @@ from ahcq.models.sam2 import quantize_sam2
 from ahcq.models.sam2_checkpoint import build_sam2_model, load_sam2, reduced_overrides, resolve_config
 from ahcq.models.sam2_roles import sam2_big_sites
 from ahcq.quantization.config import ConfigError, QConfig, ReconUnits, load_qconfig
+from ahcq.seeding import seed_everything
 from ahcq.solver.cli import Interrupted, UserError, add_run_arguments, positive, quiet_third_party, run_cli
 from ahcq.solver.ptq import PTQModel, run_ptq
 from ahcq.solver.recon.sam2 import reconstruct_video
 from ahcq.solver.recon.settings import ReconSettings
 from ahcq.solver.results import RESULTS_NAME, write_json
 from ahcq.solver.run_identity import RunFolder, RunMismatch, code_version, digest, weights_digest
-from ahcq.solver.seeding import seed_everything
 from ahcq.video import VOSReport, evaluate, read_dataset
 from ahcq.video.calibration import CalibrationClip, select_clips, track_clip
 from ahcq.video.fixtures import make_moving_shapes_clip

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ahcq.solver.seeding import calibration_indices
+from ahcq.seeding import calibration_indices
 from ahcq.video.datasets import VideoSample
 from ahcq.video.propagation import DEFAULT_TRACKING, TrackOptions, track_sample
 

@@ -36,8 +36,8 @@ from ahcq.quantization.config import load_qconfig
 from ahcq.quantization.export import export_linear
 from ahcq.quantization.layers import QuantLinear
 from ahcq.quantization.quantizers import Quantizer
+from ahcq.seeding import seed_everything
 from ahcq.solver.calibration import calibrate, switch_to_evaluation
-from ahcq.solver.seeding import seed_everything
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO_ROOT / "ckpt" / "tiny_sam.pth"

@@ -12,6 +12,9 @@ from tool_loader import load_tool
 
 from ahcq.quantization import native
 from ahcq.quantization import primitives as P
+from ahcq.quantization.primitives import engine
+from ahcq.quantization.primitives import hluq as H
+from ahcq.quantization.primitives import log as L
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: kernels not built")
 
@@ -67,7 +70,7 @@ def test_uniform_rows_kernel_matches_torch_per_channel(generator) -> None:
 
 
 def test_code_thresholds_are_the_least_inputs_reaching_each_code() -> None:
-    encode = P._hluq_encoder(torch.tensor(-0.2), torch.tensor(0.05), torch.tensor(0.1), 4, 4)
+    encode = H._hluq_encoder(torch.tensor(-0.2), torch.tensor(0.05), torch.tensor(0.1), 4, 4)
     thresholds = native.code_thresholds(encode, 16)
     below = torch.nextafter(thresholds, torch.tensor(float("-inf")))
     codes = torch.arange(1, 16, dtype=torch.float32)
@@ -97,22 +100,23 @@ def test_unreachable_codes_get_nan_thresholds_and_are_never_produced(generator) 
 def test_table_kernel_equals_the_torch_encoder_at_every_threshold(family, bits, generator) -> None:
     if family == "hluq":
         params = (torch.tensor(-0.17), torch.tensor(0.031), torch.tensor(0.09), 2 ** (bits - 1), bits)
-        encode, decode = P._hluq_encoder(*params), P._decode_hluq
-        level_args, key = params[:4], P._hluq_key(*params)
+        encode, decode = H._hluq_encoder(*params), H._decode_hluq
+        level_args, key = params[:4], H._hluq_key(*params)
         fake_quant, quantize, dequantize = P.fake_quant_hluq, P.quantize_hluq, P.dequantize_hluq
     elif family == "lnq":
         params = (torch.tensor(0.8), torch.tensor(30.0), bits)
-        encode, decode, level_args, key = P._lnq_encoder(*params), P._decode_lnq, params, P._lnq_key(*params)
+        encode, decode, level_args, key = L._lnq_encoder(*params), L._decode_lnq, params, L._lnq_key(*params)
         fake_quant, quantize, dequantize = P.fake_quant_lnq, P.quantize_lnq, P.dequantize_lnq
     else:
         params = (torch.tensor(0.9), 2.0, bits)
-        encode, decode, level_args, key = P._agq_encoder(*params), P._decode_agq, params, P._agq_key(*params)
+        encode, decode, level_args, key = L._agq_encoder(*params), L._decode_agq, params, L._agq_key(*params)
         fake_quant, quantize, dequantize = P.fake_quant_agq, P.quantize_agq, P.dequantize_agq
-    levels = P._levels(decode, bits, torch.device("cpu"), *level_args)
-    thresholds = P._native_thresholds(torch.empty(N), key, encode, levels)
+    levels = engine.decode_table(decode, bits, torch.device("cpu"), *level_args)
+    thresholds = engine.native_thresholds(torch.empty(N), key, encode, levels)
     x = padded(neighbours(torch.cat([thresholds, levels]), 3), generator, 0.5)
     got = fake_quant(x, *params)
-    assert torch.equal(got, P._sliced(lambda part, out: P._lookup(levels, encode(part, out), into=out), x))
+    sliced = engine.sliced(lambda part, out: engine.lookup(levels, encode(part, out), into=out), x)
+    assert torch.equal(got, sliced)
     assert torch.equal(got, dequantize(quantize(x, *params), *params))
 
 
@@ -163,12 +167,12 @@ def test_backward_kernels_match_the_torch_op_backward(family, torch_ops, generat
     elif family == "hluq":
         x_min, s1, s2 = torch.tensor(0.0), torch.tensor(0.04), torch.tensor(0.12)  # u = x - x_min = x exactly
         fake_quant, params, fixed = P.fake_quant_hluq, [x_min, s1, s2], (4, 4)
-        log_clip = P._log_clip(float(torch.log2(s1)), 1.0)
+        log_clip = engine.log_clip(float(torch.log2(s1)), 1.0)
         edges = torch.cat([torch.tensor([log_clip]) + x_min, x_min + s1 + s2 * torch.arange(0, 14) / 2])
     else:
         scale = torch.tensor(0.7)
         fake_quant, params, fixed = P.fake_quant_agq, [scale], (2.0, 4)
-        edges = torch.tensor([P._log_clip(float(torch.log2(scale)), 2.0)])
+        edges = torch.tensor([engine.log_clip(float(torch.log2(scale)), 2.0)])
     x = padded(neighbours(edges, 3), generator, 0.6)
     keep = torch.rand(N, generator=generator) < 0.3
     grad = torch.randn(N, generator=generator)

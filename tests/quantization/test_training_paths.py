@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from ahcq.quantization import primitives as P
+from ahcq.quantization.primitives import engine
 from ahcq.quantization.quantizers import AdaRoundQuantizer, LSQQuantizer, Mode, Role
 from ahcq.quantization.quantizers.adaround import GAMMA, ZETA
 from ahcq.quantization.quantizers.base import keep_mask
 
-# odd sizes that cross several slices (P._SLICE elements per intra-op thread) and end in a partial one
-N = 3 * P._SLICE * torch.get_num_threads() + 123
+# odd sizes that cross several slices (engine.SLICE elements per intra-op thread) and end in a partial one
+N = 3 * engine.SLICE * torch.get_num_threads() + 123
 
 
 def _ste(t: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:

@@ -129,8 +129,10 @@ def test_same_seed_same_quantized_result(setup, quant_results, tmp_path) -> None
     again = _run(setup, tmp_path, "--q_config", str(setup["qconfig"]), "--seed", "3")
     assert again["quant"] == quant_results["quant"]
     assert again["calibration"]["videos"] == quant_results["calibration"]["videos"]
-    losses = [u["loss_last"] for u in again["calibration"]["reconstruction"]["report"]["units"]]
-    assert losses == [u["loss_last"] for u in quant_results["calibration"]["reconstruction"]["report"]["units"]]
+    def losses(run: dict) -> list:
+        return [u["loss_last"] for u in run["calibration"]["reconstruction"]["report"]["units"]]
+
+    assert losses(again) == losses(quant_results)
 
 
 def _fails(argv: list[str], capsys, match: str, out: Path) -> None:

@@ -18,16 +18,16 @@ from ahcq.quantization.api import (
 )
 from ahcq.quantization.layers import QuantMatMul
 from ahcq.quantization.quantizers import Role
-from ahcq.solver.recon import ReconSettings, reconstruct, units_from_names
-from ahcq.solver.recon.cache import ActivationCache, CacheKey, Entry, ItemPlan, compact_copy, nbytes
-from ahcq.solver.recon.capture import capture
-from ahcq.solver.seeding import (
+from ahcq.seeding import (
     calibration_indices,
     capture_rng_state,
     restore_rng_state,
     seed_everything,
     stream,
 )
+from ahcq.solver.recon import ReconSettings, reconstruct, units_from_names
+from ahcq.solver.recon.cache import ActivationCache, CacheKey, Entry, ItemPlan, compact_copy, nbytes
+from ahcq.solver.recon.capture import capture
 
 D, TOKENS, PIXELS = 8, 3, 20
 

@@ -10,9 +10,9 @@ from ahcq.models.sam2_checkpoint import build_sam2_model
 from ahcq.quantization import api
 from ahcq.quantization.config import parse_qconfig
 from ahcq.quantization.quantizers import Mode
+from ahcq.seeding import calibration_indices
 from ahcq.solver.calibration import calibrate
 from ahcq.solver.recon.sam2 import record_calls
-from ahcq.solver.seeding import calibration_indices
 from ahcq.video import read_sav
 from ahcq.video.calibration import CalibrationClip, select_clips, track_clip
 from ahcq.video.fixtures import make_moving_shapes_clip

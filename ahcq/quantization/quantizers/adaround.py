@@ -10,7 +10,6 @@ the grid stay the same tensors at the same versions (the weight is frozen during
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +19,12 @@ from torch import nn
 
 from ..observers import make_observer
 from ..primitives import dequantize_uniform, fake_quant_uniform, qrange, quantize_uniform, view_along
+from ..primitives.engine import fill_rows
 from .base import Quantizer, Role
 
 __all__ = ["AdaRoundQuantizer", "BetaSchedule", "ZETA", "GAMMA"]
 
 ZETA, GAMMA = 1.1, -0.1
-_SLICE = 1 << 16  # elements per slice of the soft-rounding passes (cache-resident temporaries)
 
 
 def _soft_bits(alpha: torch.Tensor, slope: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -39,18 +38,6 @@ def _soft_bits(alpha: torch.Tensor, slope: bool) -> tuple[torch.Tensor, torch.Te
     inside.mul_(torch.lt(soft, 1.0, out=torch.empty_like(soft)))
     dh = torch.sub(1.0, sig).mul_(sig).mul_(ZETA - GAMMA).mul_(inside)
     return soft.clamp_(0.0, 1.0), dh
-
-
-def _in_rows(fill: Callable[..., object], tensors: Sequence[torch.Tensor],
-             params: Sequence[torch.Tensor]) -> None:
-    """``fill(*tensor parts, *param parts)`` over blocks of at most ``_SLICE`` elements per intra-op thread
-    (cache-resident temporaries): ``tensors`` contiguous ``[R, K]``, ``params`` per row ``[R, 1]`` or
-    scalars."""
-    rows, width = tensors[0].shape
-    step = max(1, _SLICE * torch.get_num_threads() // width)
-    for start in range(0, rows, step):
-        parts = [t[start:start + step] for t in tensors]
-        fill(*parts, *(p[start:start + step] if p.dim() else p for p in params))
 
 
 class _SoftRounding(torch.autograd.Function):
@@ -67,7 +54,7 @@ class _SoftRounding(torch.autograd.Function):
             codes = torch.add(d, _soft_bits(a, False)[0]).add_(z)
             torch.mul(s, codes.clamp_(qmin, qmax).sub_(z), out=o)
 
-        _in_rows(fill, [alpha, down, out], [scale, zero_point])
+        fill_rows(fill, [alpha, down, out], [scale, zero_point])
         ctx.bounds = qmin, qmax
         ctx.save_for_backward(alpha, down, scale, zero_point)
         return out
@@ -86,7 +73,7 @@ class _SoftRounding(torch.autograd.Function):
             inside = torch.gt(codes, qmin, out=h).mul_(torch.lt(codes, qmax, out=codes))
             torch.mul(g, dh.mul_(inside), out=ga).mul_(s)
 
-        _in_rows(fill, [alpha, down, grad, grad_alpha], [scale, zero_point])
+        fill_rows(fill, [alpha, down, grad, grad_alpha], [scale, zero_point])
         return grad_alpha, None, None, None, None, None
 
 
@@ -103,7 +90,7 @@ class _RoundingRegularizer(torch.autograd.Function):
             t = _soft_bits(a, False)[0].mul_(2.0).sub_(1.0)
             total += t.abs_().log2_().mul_(b).exp2_().neg_().add_(1.0).sum()
 
-        _in_rows(fill, [alpha.detach().reshape(-1, 1)], [])
+        fill_rows(fill, [alpha.detach().reshape(-1, 1)])
         ctx.b = b
         ctx.save_for_backward(alpha)
         return total.float()
@@ -121,7 +108,7 @@ class _RoundingRegularizer(torch.autograd.Function):
             power = torch.abs(t).log2_().mul_(b - 1.0).exp2_().copysign_(t)
             torch.mul(power, dh, out=ga).mul_(scale)
 
-        _in_rows(fill, [alpha.reshape(-1, 1), grad_alpha.view(-1, 1)], [])
+        fill_rows(fill, [alpha.reshape(-1, 1), grad_alpha.view(-1, 1)])
         return grad_alpha, None
 
 

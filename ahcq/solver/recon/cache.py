@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ahcq.solver.seeding import stream
+from ahcq.seeding import stream
 
 from .units import map_tensors, tensor_leaves
 

@@ -28,7 +28,7 @@ from torch import nn
 from ahcq.progress import progress_bar
 from ahcq.quantization.api import activations_off, assert_fully_quantized, iter_quantizers, set_mode
 from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
-from ahcq.solver.seeding import seed_everything
+from ahcq.seeding import seed_everything
 
 from .cache import ActivationCache, CacheKey, Entry, ItemPlan
 from .capture import CaptureIndex, capture, module_device, propagate, release, to_device

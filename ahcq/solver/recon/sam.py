@@ -30,6 +30,7 @@ from torch import nn
 
 from ahcq.quantization.api import iter_quantizers, quantization_disabled
 from ahcq.quantization.config import QConfig, ReconUnits
+from ahcq.seeding import stream
 from ahcq.solver.recon.engine import reconstruct
 from ahcq.solver.recon.sam_units import (
     DecoderLayerUnit,
@@ -47,7 +48,6 @@ from ahcq.solver.recon.sam_units import (
 from ahcq.solver.recon.settings import ReconSettings
 from ahcq.solver.recon.train import UnitReport
 from ahcq.solver.recon.units import Inputs, ReconUnit
-from ahcq.solver.seeding import stream
 
 __all__ = ["BLOCKS_MAX_BOXES", "FINAL_ITERS_FACTOR", "SamChain", "box_cap", "prepare_samples",
            "reconstruct_sam", "sam_chain"]

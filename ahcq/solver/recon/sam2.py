@@ -29,12 +29,12 @@ from torch import nn
 from ahcq.progress import progress_bar
 from ahcq.quantization import api
 from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
+from ahcq.seeding import seed_everything
 from ahcq.solver.recon.capture import module_device, to_device
 from ahcq.solver.recon.settings import ReconSettings
 from ahcq.solver.recon.state import load_state, save_state
 from ahcq.solver.recon.train import UnitReport, reconstruct_unit
 from ahcq.solver.recon.units import Inputs, ReconUnit, adaround_quantizers
-from ahcq.solver.seeding import seed_everything
 from ahcq.video.calibration import CalibrationClip, detached, track_clip
 from ahcq.video.propagation import DEFAULT_TRACKING, TrackOptions
 

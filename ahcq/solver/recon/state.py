@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ahcq.solver.seeding import capture_rng_state, restore_rng_state
+from ahcq.seeding import capture_rng_state, restore_rng_state
 
 from .settings import ReconSettings
 

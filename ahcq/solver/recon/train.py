@@ -40,7 +40,7 @@ from ahcq.quantization.quantizers import (
     progressive_schedule,
 )
 from ahcq.quantization.quantizers.base import keep_mask
-from ahcq.solver.seeding import stream
+from ahcq.seeding import stream
 
 from .settings import ReconSettings
 from .units import Inputs, ReconUnit, adaround_quantizers, map_tensors, scale_parameters
