@@ -24,7 +24,7 @@ from ahcq.models.sam import float_patterns, is_kept_float
 from ahcq.models.sam2_attention import SAM2_TWIN_TYPES, make_twin
 from ahcq.models.sam2_roles import matching, sam2_role_map
 from ahcq.quantization.config import QConfig
-from ahcq.quantization.layers import QuantConv2d, QuantLinear
+from ahcq.quantization.layers import QuantLayer
 from ahcq.quantization.recipe import quantize_layers, user_overrides
 
 __all__ = ["DECODER_PATTERN", "DEFAULT_KEEP_FLOAT", "attention_twins", "prepare_sam2", "quantize_sam2"]
@@ -89,7 +89,7 @@ def quantize_sam2(
     _, *recipes = quantize_layers(model, qconfig, input_sites(role_map), skip_patterns(patterns),
                                   DECODER_PATTERN)
     for name, module in list(model.named_modules()):
-        if isinstance(module, (QuantLinear, QuantConv2d)) and module.input_quantizer is not None:
+        if isinstance(module, QuantLayer) and module.input_quantizer is not None:
             if not matching(role_map, name, "input"):
                 raise RuntimeError(f"quantized layer {name!r} is not covered by the SAM2 role map; "
                                    "keep it float (keep_float) or add a role-map row")

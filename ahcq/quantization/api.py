@@ -20,12 +20,13 @@ import fnmatch
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .granularity import ChannelGroups, Granularity, PerChannel, PerTensor
 from .layers import QuantConv2d, QuantLayer, QuantLinear
 from .quantizers import QUANTIZERS, AdaRoundQuantizer, Mode, Quantizer, Role, make_quantizer
 
@@ -52,18 +53,18 @@ SLOTS = ("act", "weight", "output")
 class QuantSpec:
     """Recipe of one quantizer slot.
 
-    ``ch_axis`` follows the reference configs: ``-1`` is per tensor, ``k >= 0`` per channel along axis
-    ``k`` (weights: 0 = output channel); CAG always groups the last axis. ``groups`` is CAG's final group
-    count. ``extra`` holds the family's own keyword arguments (e.g. HLUQ ``range_splits``, LNQ ``alphas``).
+    ``granularity`` is a type (``PerTensor``, ``PerChannel(axis)``, ``ChannelGroups(groups)``; weights:
+    axis 0 is the output channel) and must be one the family supports (CAG: channel groups; LNQ, AGQ, HLUQ:
+    per tensor). ``options`` is the family's own options dataclass (e.g. ``HLUQOptions``, ``LNQOptions``;
+    ``None``: the family's defaults).
     """
 
     quantizer: str = "lsq"
     observer: str = "avg_minmax"
     bits: int = 8
     symmetric: bool = False
-    ch_axis: int = -1
-    groups: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    granularity: Granularity = PerTensor()
+    options: Any = None
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -71,12 +72,16 @@ class QuantSpec:
                              f"choose one of {sorted(QUANTIZERS)}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"QuantSpec: bits must be an int in 2..8, got {self.bits!r}")
-        if not isinstance(self.ch_axis, int) or self.ch_axis < -1:
-            raise ValueError(f"QuantSpec: ch_axis must be -1 (per tensor) or an axis >= 0, "
-                             f"got {self.ch_axis!r}")
-        if self.groups is not None and self.quantizer != "cag":
-            raise ValueError(f"QuantSpec: groups={self.groups} is only meaningful for the 'cag' quantizer, "
-                             f"not {self.quantizer!r}")
+        family = QUANTIZERS[self.quantizer]
+        if not isinstance(self.granularity, family.granularities):
+            kinds = " or ".join(g.__name__ for g in family.granularities)
+            raise ValueError(f"QuantSpec: {self.quantizer!r} is {kinds}, got {self.granularity!r}")
+        if self.symmetric and not family.symmetric_ok:
+            raise ValueError(f"QuantSpec: {self.quantizer!r} is asymmetric by construction; "
+                             "got symmetric=True")
+        if self.options is not None and (family.options is None or type(self.options) is not family.options):
+            expected = family.options.__name__ if family.options else "no options"
+            raise ValueError(f"QuantSpec: {self.quantizer!r} takes {expected}, got {self.options!r}")
 
     def updated(self, fields: dict[str, Any], where: str) -> QuantSpec:
         """A copy with ``fields`` replaced; unknown field names raise naming ``where``."""
@@ -84,22 +89,26 @@ class QuantSpec:
         unknown = sorted(set(fields) - known)
         if unknown:
             raise ValueError(f"{where}: unknown QuantSpec field(s) {unknown}; known: {sorted(known)}")
-        return dataclasses.replace(self, **fields)
+        try:
+            return dataclasses.replace(self, **fields)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 def build_quantizer(spec: QuantSpec, role: Role, name: str) -> Quantizer:
     """The quantizer described by ``spec`` for ``role``, named ``name``."""
-    kwargs: dict[str, Any] = {
-        "symmetric": spec.symmetric,
-        "ch_axis": None if spec.ch_axis == -1 else spec.ch_axis,
-        "name": name,
-        **spec.extra,
-    }
-    if spec.quantizer not in ("lnq", "agq"):
+    family = QUANTIZERS[spec.quantizer]
+    kwargs: dict[str, Any] = {"name": name}
+    if family.symmetric_ok:
+        kwargs["symmetric"] = spec.symmetric
+    if family.uses_observer:
         kwargs["observer"] = spec.observer
-    if spec.quantizer == "cag":
-        kwargs["ch_axis"] = -1
-        kwargs["groups"] = spec.groups
+    if PerChannel in family.granularities:  # the constructor's default axis must not stand in for per tensor
+        kwargs["ch_axis"] = spec.granularity.axis if isinstance(spec.granularity, PerChannel) else None
+    elif isinstance(spec.granularity, ChannelGroups):
+        kwargs["groups"] = spec.granularity.groups
+    if spec.options is not None:
+        kwargs.update({f.name: getattr(spec.options, f.name) for f in dataclasses.fields(spec.options)})
     return make_quantizer(spec.quantizer, role, spec.bits, **kwargs)
 
 

@@ -37,9 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .granularity import ChannelGroups, PerChannel, PerTensor
 from .layers import QuantLinear
-from .quantizers import AdaRoundQuantizer, AGQuantizer, CAGQuantizer, HLUQuantizer, LNQuantizer, Quantizer
-from .quantizers.uniform import UniformQuantizer
+from .quantizers import HLUQuantizer, Quantizer
+from .quantizers.grid import GridQuantizer
+from .quantizers.probability import ProbabilityQuantizer
 
 __all__ = [
     "FORMAT_VERSION",
@@ -81,30 +83,32 @@ def _input_arrays(q: Quantizer, x: torch.Tensor) -> dict[str, np.ndarray]:
         levels = _np(q.dequantize_int(torch.arange(2**q.bits, dtype=torch.int32))).astype(np.float32)
         return {"x_kind": np.array("hluq"), "x_bits": p["bits"], "x_codes": codes, "x_min": p["x_min"],
                 "s1": p["s1"], "s2": p["s2"], "n_log": p["n_log"], "x_levels": levels}
-    if not isinstance(q, UniformQuantizer):
+    if not isinstance(q, GridQuantizer):
         raise ExportError(f"quantizer {q.name!r}: input kind {q.family!r} cannot be exported "
                           "(uniform, cag or hluq only)")
     p = q.export()
-    if isinstance(q, CAGQuantizer):
+    granularity = q.granularity
+    if isinstance(granularity, ChannelGroups):
         kind, group = "cag", p["group_index"]
-    elif q.ch_axis is None:
+    elif isinstance(granularity, PerTensor):
         kind, group = "uniform", np.zeros(cin, dtype=np.int32)
-    elif q.ch_axis in (-1, x.dim() - 1):
+    elif granularity.axis in (-1, x.dim() - 1):
         kind, group = "cag", np.arange(cin, dtype=np.int32)
     else:
-        raise ExportError(f"quantizer {q.name!r}: per-channel input on axis {q.ch_axis} is not the last axis")
+        raise ExportError(f"quantizer {q.name!r}: per-channel input on axis {granularity.axis} is not the "
+                          "last axis")
     return {"x_kind": np.array(kind), "x_bits": p["bits"], "x_codes": codes, "x_scale": p["scale"],
             "x_zero_point": p["zero_point"], "x_group": group.astype(np.int32),
             "x_qmin": p["qmin"], "x_qmax": p["qmax"]}
 
 
 def _weight_arrays(q: Quantizer, w: torch.Tensor) -> dict[str, np.ndarray]:
-    if not isinstance(q, (UniformQuantizer, AdaRoundQuantizer)) or isinstance(q, CAGQuantizer):
+    if not isinstance(q, GridQuantizer) or isinstance(q.granularity, ChannelGroups):
         raise ExportError(f"quantizer {q.name!r}: weight kind {q.family!r} cannot be exported")
+    if q.granularity not in (PerTensor(), PerChannel(0)):
+        raise ExportError(f"quantizer {q.name!r}: weights must be per tensor or per output channel (axis 0), "
+                          f"got {q.granularity}")
     p = q.export()
-    if bool(p["per_channel"]) and int(p["axis"]) != 0:
-        raise ExportError(f"quantizer {q.name!r}: weights must be per output channel (axis 0), "
-                          f"got axis {p['axis']}")
     cout = w.shape[0]
     return {"w_bits": p["bits"], "w_codes": _np(q.quantize_int(w)).astype(np.int32),
             "w_scale": np.broadcast_to(p["scale"], (cout,)).astype(np.float32),
@@ -196,7 +200,7 @@ def export_linear(
     _require_exact(decode_input(data), x_fq, f"quantizer {xq.name!r} (input)")
     _require_exact(decode_weight(data), w_fq, f"quantizer {wq.name!r} (weight)")
     if next_quantizer is not None:
-        if not isinstance(next_quantizer, UniformQuantizer) or next_quantizer.ch_axis is not None:
+        if not isinstance(next_quantizer, GridQuantizer) or next_quantizer.granularity != PerTensor():
             raise ExportError(f"quantizer {next_quantizer.name!r}: requantization needs a per-tensor uniform "
                               "quantizer")
         p = next_quantizer.export()
@@ -216,7 +220,7 @@ def export_attention_probs(
     quantizer: Quantizer, probs: torch.Tensor, path: str | os.PathLike
 ) -> dict[str, np.ndarray]:
     """Export an LNQ or AGQ attention-probability quantizer applied to ``probs``; returns the arrays."""
-    if not isinstance(quantizer, (LNQuantizer, AGQuantizer)):
+    if not isinstance(quantizer, ProbabilityQuantizer):
         raise TypeError(f"export_attention_probs needs an LNQ or AGQ quantizer, "
                         f"got {type(quantizer).__name__}")
     p_ref = quantizer.fake_quant(probs.float())

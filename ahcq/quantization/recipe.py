@@ -20,6 +20,11 @@ from torch import nn
 
 from . import api
 from .config import ConfigError, QConfig, QSpecConfig
+from .granularity import ChannelGroups, PerTensor, from_ch_axis
+from .quantizers.agq import AGQOptions
+from .quantizers.cag import CAGOptions, GroupRange
+from .quantizers.hluq import HLUQOptions
+from .quantizers.lnq import LNQOptions
 
 __all__ = [
     "Feature",
@@ -53,34 +58,39 @@ class Feature(enum.Enum):
 BIG_KEY_OBSERVER = "avg_mse"  # PTQ4SAM's SignAvgMSEFastObserver (its sign is never set: AvgMSEFast)
 
 
-def family_options(qconfig: QConfig, quantizer: str) -> dict[str, Any]:
-    """The quantizer family's own keyword arguments, taken from the config's method sections."""
+def family_options(qconfig: QConfig, quantizer: str) -> Any:
+    """The quantizer family's options dataclass filled from the config's method sections (``None`` for
+    families without options)."""
     if quantizer == "hluq":
-        return {"range_splits": qconfig.hluq.range_splits, "level_splits": qconfig.hluq.level_splits}
+        return HLUQOptions(range_splits=qconfig.hluq.range_splits, level_splits=qconfig.hluq.level_splits)
     if quantizer == "lnq":
-        return {"alphas": qconfig.lnq.alphas}
+        return LNQOptions(alphas=qconfig.lnq.alphas)
     if quantizer == "agq":
-        return {"taus": qconfig.agq.taus}
+        return AGQOptions(taus=qconfig.agq.taus)
     if quantizer == "cag":
-        return {"seed": qconfig.seed, "group_range": qconfig.cag.group_range}
-    return {}
-
-
-def _renamed(items: Mapping[str, Any]) -> dict[str, Any]:
-    """YAML recipe keys -> ``QuantSpec`` field names (``bit`` -> ``bits``); unset keys dropped."""
-    return {("bits" if k == "bit" else k): v for k, v in items.items() if v is not None}
+        return CAGOptions(seed=qconfig.seed, group_range=GroupRange(qconfig.cag.group_range))
+    return None
 
 
 def partial_fields(qconfig: QConfig, items: Mapping[str, Any]) -> dict[str, Any]:
-    """``QuantSpec`` field updates of a partial recipe; naming a family brings that family's settings (and
-    CAG's group count) along."""
-    fields = _renamed(items)
+    """``QuantSpec`` field updates of a partial YAML recipe (keys ``quantizer, observer, bit, symmetric,
+    ch_axis, groups``; unset ones dropped). The reference's ``ch_axis`` becomes a granularity type here and
+    nowhere else; naming a family brings that family's options (and CAG's group count) along."""
+    fields = {k: v for k, v in items.items() if v is not None}
+    out: dict[str, Any] = {}
+    for key in ("quantizer", "observer", "symmetric"):
+        if key in fields:
+            out[key] = fields[key]
+    if "bit" in fields:
+        out["bits"] = fields["bit"]
     quantizer = fields.get("quantizer")
+    if quantizer == "cag" or "groups" in fields:
+        out["granularity"] = ChannelGroups(fields.get("groups", qconfig.cag.groups))
+    elif "ch_axis" in fields:
+        out["granularity"] = from_ch_axis(fields["ch_axis"])
     if quantizer is not None:
-        fields["extra"] = family_options(qconfig, quantizer)
-        if quantizer == "cag" and fields.get("groups") is None:
-            fields["groups"] = qconfig.cag.groups
-    return fields
+        out["options"] = family_options(qconfig, quantizer)
+    return out
 
 
 def spec_of(qconfig: QConfig, recipe: QSpecConfig) -> api.QuantSpec:
@@ -90,8 +100,8 @@ def spec_of(qconfig: QConfig, recipe: QSpecConfig) -> api.QuantSpec:
 
 def _per_tensor(qconfig: QConfig, quantizer: str) -> dict[str, Any]:
     """Families that are per-tensor and asymmetric by construction (AGQ, LNQ, HLUQ)."""
-    return {"quantizer": quantizer, "symmetric": False, "ch_axis": -1, "groups": None,
-            "extra": family_options(qconfig, quantizer)}
+    return {"quantizer": quantizer, "symmetric": False, "granularity": PerTensor(),
+            "options": family_options(qconfig, quantizer)}
 
 
 def feature_fields(qconfig: QConfig, feature: Feature) -> dict[str, Any]:

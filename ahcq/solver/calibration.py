@@ -44,7 +44,8 @@ from ahcq.quantization.api import (
     set_mode,
 )
 from ahcq.quantization.config import ACNRConfig, ACNRError, BigTest, QConfig
-from ahcq.quantization.layers import QuantConv2d, QuantLinear
+from ahcq.quantization.granularity import PerChannel
+from ahcq.quantization.layers import QuantLayer, QuantLinear
 from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode
 from ahcq.quantization.quantizers.weight_groups import group_weight_grid
 from ahcq.quantization.transforms import apply_acnr_, fold_sign, kde_peaks
@@ -264,9 +265,9 @@ def group_weights(model: nn.Module, k: int, seed: int = 0) -> dict[str, int]:
     grids (``group_weight_grid``); ``{layer: groups}``. Per-tensor weight grids are one group already."""
     groups = {}
     for name, layer in model.named_modules():
-        if not isinstance(layer, (QuantLinear, QuantConv2d)) or layer.weight_quantizer is None:
+        if not isinstance(layer, QuantLayer) or layer.weight_quantizer is None:
             continue
-        if getattr(layer.weight_quantizer, "ch_axis", None) is not None:
+        if isinstance(layer.weight_quantizer.granularity, PerChannel):
             groups[name] = group_weight_grid(layer.weight_quantizer, layer.weight, k, seed=seed)
     return groups
 

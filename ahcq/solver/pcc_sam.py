@@ -29,8 +29,9 @@ from torch import Tensor
 from ahcq.models.sam_attention import QuantDecoderAttention
 from ahcq.quantization.api import quantization_disabled
 from ahcq.quantization.config import QConfig
+from ahcq.quantization.granularity import PerTensor
 from ahcq.quantization.primitives import qparams_from_minmax
-from ahcq.quantization.quantizers import CAGQuantizer, Mode, Quantizer, UniformQuantizer
+from ahcq.quantization.quantizers import Mode, Quantizer, UniformQuantizer
 from ahcq.quantization.transforms.pcc import ClipResult, search_clip_sequential
 from ahcq.solver.recon.sam import prepare_samples
 from ahcq.solver.recon.sam_units import Prompted
@@ -104,8 +105,7 @@ def _capture(sam: Sam, prompted: Sequence[Prompted], attentions: list[tuple[str,
 
 
 def _settable(q: Any) -> bool:
-    return (isinstance(q, UniformQuantizer) and not isinstance(q, CAGQuantizer) and q.ch_axis is None
-            and not q.symmetric)
+    return isinstance(q, UniformQuantizer) and q.granularity == PerTensor() and not q.symmetric
 
 
 def _set_range(q: Quantizer, lo: float, hi: float) -> None:
@@ -130,7 +130,6 @@ def apply_pcc(sam: Sam, samples: Sequence[Any], qconfig: QConfig, device: torch.
     """Re-choose the PCC ranges of the calibrated ``sam``; ``{attention: {point: percentile | note}}``."""
     device = torch.device(device) if device is not None else sam.device
     cfg = qconfig.pcc
-    threshold = cfg.threshold or qconfig.ptq4sam.threshold
     attentions = decoder_attentions(sam)
     prompted = _prompted(sam, qconfig, samples, device)
     floats = _capture(sam, prompted, attentions, active=())
@@ -148,7 +147,7 @@ def apply_pcc(sam: Sam, samples: Sequence[Any], qconfig: QConfig, device: torch.
                 reference = _attention_map(attn, *floats[name])([lambda x: x] * len(PCC_POINTS))
                 results = search_clip_sequential(
                     _attention_map(attn, *inputs[name]), len(PCC_POINTS), reference, cfg.percentiles,
-                    points[name][0].bits, threshold, initial=chosen.get(name))
+                    points[name][0].bits, cfg.threshold, initial=chosen.get(name))
             for q, r in zip(points[name], results):
                 _set_range(q, r.lo, r.hi)
             chosen[name] = results

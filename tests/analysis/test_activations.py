@@ -14,13 +14,14 @@ from ahcq.analysis.activations import (
     per_sample_qparams,
 )
 from ahcq.quantization import api
+from ahcq.quantization.granularity import ChannelGroups, PerChannel
 from ahcq.quantization.quantizers import CAGQuantizer, LSQQuantizer, Role, make_quantizer
 
 
 def _model() -> nn.Module:
     model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
-    return api.quantize(model, api.QuantSpec(bits=4), api.QuantSpec(bits=4, ch_axis=0),
-                        overrides=[("0", {"act": {"quantizer": "cag", "groups": 2}})])
+    return api.quantize(model, api.QuantSpec(bits=4), api.QuantSpec(bits=4, granularity=PerChannel(0)),
+                        overrides=[("0", {"act": {"quantizer": "cag", "granularity": ChannelGroups(2)}})])
 
 
 def test_capture_sees_the_slot_input_and_feeds_twins_the_same_tensor(generator: torch.Generator) -> None:

@@ -1,12 +1,16 @@
 """api: layer swapping, naming, overrides, mode context managers and the evaluation-state assertion."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 from ahcq.quantization import api
 from ahcq.quantization.api import NotFullyQuantizedError, QuantSpec
+from ahcq.quantization.granularity import ChannelGroups, PerChannel, PerTensor
 from ahcq.quantization.layers import QuantConv2d, QuantLinear
 from ahcq.quantization.quantizers import (
+    QUANTIZERS,
     AdaRoundQuantizer,
     CAGQuantizer,
     HLUQuantizer,
@@ -16,7 +20,7 @@ from ahcq.quantization.quantizers import (
 )
 
 ACT = QuantSpec(quantizer="lsq", observer="avg_minmax", bits=8)
-WEIGHT = QuantSpec(quantizer="adaround", observer="mse", bits=8, ch_axis=0)
+WEIGHT = QuantSpec(quantizer="adaround", observer="mse", bits=8, granularity=PerChannel(0))
 
 
 class Net(nn.Module):
@@ -97,7 +101,7 @@ def test_skip_and_overrides():
             ("head.*", {"bits": 6}),
             ("re:head\\.2", {"act": {"quantizer": "hluq"}, "output": {}}),
             ("body.0", None),
-            ("head.0", {"act": {"quantizer": "cag", "groups": 2}, "weight": None}),
+            ("head.0", {"act": {"quantizer": "cag", "granularity": ChannelGroups(2)}, "weight": None}),
         ],
     )
     assert type(net.stem) is nn.Conv2d and type(net.body[0]) is nn.Conv2d
@@ -111,6 +115,39 @@ def test_skip_and_overrides():
         api.quantize(Net(), ACT, WEIGHT, overrides=[("head.0", {"bitz": 4})])
     with pytest.raises(ValueError, match="unknown quantizer"):
         QuantSpec(quantizer="nope")
+
+
+@pytest.mark.parametrize("kind", sorted(QUANTIZERS))
+def test_every_family_is_built_with_the_granularity_and_options_its_spec_names(kind):
+    """The spec's granularity type is what the built quantizer reports (a per-tensor AdaRound must not
+    fall back on the constructor's default axis 0), and its options reach the quantizer."""
+    family = QUANTIZERS[kind]
+    cases = {PerTensor: [PerTensor()], PerChannel: [PerChannel(0), PerChannel(1)],
+             ChannelGroups: [ChannelGroups(3), ChannelGroups(None)]}
+    for granularity in (g for t in family.granularities for g in cases[t]):
+        q = api.build_quantizer(QuantSpec(quantizer=kind, bits=4, granularity=granularity), Role.INPUT, "q")
+        assert type(q) is family and q.granularity == granularity
+    others = [g for t, gs in cases.items() if t not in family.granularities for g in gs]
+    for granularity in others:
+        with pytest.raises(ValueError, match=f"'{kind}' is "):
+            QuantSpec(quantizer=kind, granularity=granularity)
+    if family.options is None:
+        return
+    fields = dataclasses.fields(family.options)
+    default = family.options()
+    changed = dataclasses.replace(default, **{fields[0].name: _another(getattr(default, fields[0].name))})
+    spec = QuantSpec(quantizer=kind, bits=4, granularity=cases[family.granularities[0]][0], options=changed)
+    q = api.build_quantizer(spec, Role.INPUT, "q")
+    assert getattr(q, fields[0].name) == getattr(changed, fields[0].name) != getattr(default, fields[0].name)
+    with pytest.raises(ValueError, match="takes"):
+        QuantSpec(quantizer="lsq", options=changed)
+
+
+def _another(value):
+    """A valid value of an option field different from ``value``."""
+    if isinstance(value, tuple):
+        return value[:1]
+    return value + 1 if isinstance(value, int) else value
 
 
 def test_bare_linear_is_returned_quantized():

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from ahcq.quantization.api import QuantSpec
+from ahcq.quantization.granularity import PerChannel
 from ahcq.quantization.quantizers import CAGQuantizer, LSQQuantizer, Mode, Role, progressive_schedule
 
 
@@ -115,8 +117,8 @@ def test_regroup_is_deterministic_and_validates():
     assert torch.equal(a.group_index, b.group_index)
     with pytest.raises(ValueError, match="enc.lin1.input_quantizer.*regroup"):
         a.regroup(49)
-    with pytest.raises(ValueError, match="last axis"):
-        CAGQuantizer(Role.INPUT, 4, ch_axis=0)
+    with pytest.raises(ValueError, match="'cag' is ChannelGroups, got PerChannel"):
+        QuantSpec(quantizer="cag", granularity=PerChannel(0))
     assert progressive_schedule(4) == [32, 16, 8, 4]
     with pytest.raises(ValueError):
         progressive_schedule(0)

@@ -480,7 +480,7 @@ def test_lnq_search_on_a_large_map_uses_the_cap_and_is_deterministic(monkeypatch
         seen.append(x.shape)
         return real(xq, x, value)
 
-    monkeypatch.setattr("ahcq.quantization.quantizers.lnq.value_error", spy)
+    monkeypatch.setattr("ahcq.quantization.quantizers.probability.value_error", spy)
     monkeypatch.setattr(search, "SEARCH_MAX_ROWS", 100)
     clips = []
     for _ in range(2):

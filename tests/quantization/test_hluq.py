@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ahcq.quantization.api import QuantSpec
+from ahcq.quantization.granularity import PerChannel
 from ahcq.quantization.layers import QuantLinear
 from ahcq.quantization.primitives import fake_quant_hluq
 from ahcq.quantization.quantizers import HLUQuantizer, Mode, Role
@@ -111,5 +113,7 @@ def test_codes_roundtrip_and_bad_configuration():
     assert torch.equal(q.dequantize_int(codes), q(x))
     with pytest.raises(ValueError, match="level split"):
         HLUQuantizer(Role.INPUT, 2, level_splits=(1 / 8,), name="mlp.lin2.input_quantizer")
-    with pytest.raises(ValueError, match="per tensor"):
-        HLUQuantizer(Role.INPUT, 4, ch_axis=0)
+    with pytest.raises(ValueError, match="'hluq' is PerTensor, got PerChannel"):
+        QuantSpec(quantizer="hluq", granularity=PerChannel(0))
+    with pytest.raises(ValueError, match="'hluq' is asymmetric"):
+        QuantSpec(quantizer="hluq", symmetric=True)

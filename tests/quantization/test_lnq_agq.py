@@ -38,7 +38,7 @@ def test_lnq_search_is_as_good_as_a_dense_brute_force():
     )
     assert chosen <= brute * 1.02
     # the chosen alpha is the argmin of the per-alpha optima the quantizer recorded
-    assert float(q.alpha) == q.alphas[int(torch.argmin(q.errors))]
+    assert float(q.alpha) == q.alphas[int(torch.argmin(q.search_errors))]
     assert torch.equal(q(p), fake_quant_lnq(p, q.clip, q.alpha, 4))
 
 
@@ -61,19 +61,20 @@ def test_value_changes_the_criterion():
     plain.set_mode(Mode.CALIBRATE)
     plain(p)
     plain.set_mode(Mode.QUANTIZE)
-    assert not torch.equal(with_v.errors, plain.errors)
+    assert not torch.equal(with_v.search_errors, plain.search_errors)
     plain_err = [value_err(fake_quant_lnq(p, torch.tensor(c), torch.tensor(a), 3), p, torch.eye(16))
-                 for a, c in zip(plain.alphas, plain.clip_sums.tolist())]
-    assert plain_err == pytest.approx(plain.errors.tolist(), rel=1e-6)
+                 for a, c in zip(plain.alphas, plain.search_sums.tolist())]
+    assert plain_err == pytest.approx(plain.search_errors.tolist(), rel=1e-6)
 
 
 def test_errors_sum_and_clips_average_over_batches():
     pairs = [attention(3), attention(4, sharp=1.0)]
     both = calibrate(LNQuantizer(Role.ATTN_PROB, 4), pairs)
     singles = [calibrate(LNQuantizer(Role.ATTN_PROB, 4), [pair]) for pair in pairs]
-    assert both.errors.tolist() == pytest.approx((singles[0].errors + singles[1].errors).tolist(), rel=1e-9)
-    best = int(torch.argmin(both.errors))
-    mean_clip = (singles[0].clip_sums[best] + singles[1].clip_sums[best]).item() / 2
+    summed = singles[0].search_errors + singles[1].search_errors
+    assert both.search_errors.tolist() == pytest.approx(summed.tolist(), rel=1e-9)
+    best = int(torch.argmin(both.search_errors))
+    mean_clip = (singles[0].search_sums[best] + singles[1].search_sums[best]).item() / 2
     assert float(both.clip) == pytest.approx(mean_clip, rel=1e-6)
 
 
@@ -84,7 +85,7 @@ def test_matmul_passes_the_value_operand():
     assert torch.equal(mm(p, v), torch.matmul(p, v))
     mm.a_quantizer.set_mode(Mode.QUANTIZE)
     direct = calibrate(LNQuantizer(Role.ATTN_PROB, 4), [(p, v)])
-    assert torch.equal(mm.a_quantizer.errors, direct.errors)
+    assert torch.equal(mm.a_quantizer.search_errors, direct.search_errors)
     assert torch.equal(mm(p, v), torch.matmul(direct(p), v))
 
 
@@ -111,6 +112,8 @@ def test_api_builds_lnq_and_agq_without_an_observer():
     from ahcq.quantization.api import QuantSpec, build_quantizer
 
     q = build_quantizer(QuantSpec(quantizer="lnq", observer="avg_minmax", bits=4), Role.ATTN_PROB, "attn.p")
-    assert isinstance(q, LNQuantizer) and q.name == "attn.p"
-    with pytest.raises(ValueError, match="'attn.p'.*observer"):
+    assert isinstance(q, LNQuantizer) and q.name == "attn.p" and not hasattr(q, "observer")
+    q = build_quantizer(QuantSpec(quantizer="agq", observer="mse", bits=4), Role.ATTN_PROB, "attn.p")
+    assert isinstance(q, AGQuantizer) and not hasattr(q, "observer")
+    with pytest.raises(TypeError, match="observer"):
         AGQuantizer(Role.ATTN_PROB, 4, observer="mse", name="attn.p")

@@ -12,6 +12,7 @@ from torch import nn
 
 from ahcq.quantization import api
 from ahcq.quantization.config import ACNRConfig
+from ahcq.quantization.granularity import PerChannel
 from ahcq.solver.calibration import condition_linears
 from ahcq.solver.recon import ReconSettings, ReconUnit, reconstruct
 from ahcq.solver.recon.cache import ActivationCache, CacheKey, Entry, ItemPlan
@@ -34,7 +35,8 @@ def _layer_and_data(seed: int = 0) -> tuple[nn.Sequential, list[torch.Tensor]]:
 
 def _quantized(model: nn.Sequential, xs: list[torch.Tensor]) -> nn.Sequential:
     api.quantize(model, act=api.QuantSpec(bits=4, quantizer="lsq", observer="avg_minmax"),
-                 weight=api.QuantSpec(bits=4, quantizer="adaround", observer="mse", ch_axis=0))
+                 weight=api.QuantSpec(bits=4, quantizer="adaround", observer="mse",
+                                      granularity=PerChannel(0)))
     with api.calibrating(model), torch.no_grad():
         for x in xs:
             model(x)

@@ -15,6 +15,7 @@ from ahcq.models.sam_runner import Prompts, SamImage, SamSample
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.quantization import api
 from ahcq.quantization.config import ACNRConfig, load_qconfig, parse_qconfig
+from ahcq.quantization.granularity import PerChannel
 from ahcq.quantization.layers import QuantConv2d, QuantLinear
 from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode, Quantizer, Role
 from ahcq.quantization.transforms import acnr
@@ -99,7 +100,8 @@ def _ill_conditioned_mlp(layers: int = 1) -> nn.Sequential:
         modules += [linear, nn.ReLU()] if i + 1 < layers else [linear]
     model = nn.Sequential(*modules)
     api.quantize(model, act=api.QuantSpec(bits=4, quantizer="fixed", observer="minmax"),
-                 weight=api.QuantSpec(bits=4, quantizer="fixed", observer="minmax", ch_axis=0))
+                 weight=api.QuantSpec(bits=4, quantizer="fixed", observer="minmax",
+                                      granularity=PerChannel(0)))
     return model
 
 
@@ -168,8 +170,8 @@ def test_calibrate_recalibrates_on_the_conditioned_weights():
     assert changed and all(report.acnr[n]["cond_after"] <= report.acnr[n]["cond_before"] for n in changed)
     layer = sam.get_submodule(changed[0])
     assert not torch.equal(layer.weight.detach(), original[changed[0]])
-    fresh = api.build_quantizer(api.QuantSpec(bits=8, quantizer="fixed", observer="minmax", ch_axis=0),
-                                Role.WEIGHT, "fresh")
+    spec = api.QuantSpec(bits=8, quantizer="fixed", observer="minmax", granularity=PerChannel(0))
+    fresh = api.build_quantizer(spec, Role.WEIGHT, "fresh")
     fresh.set_mode(Mode.CALIBRATE)
     fresh(layer.weight.detach())
     fresh.set_mode(Mode.OFF)

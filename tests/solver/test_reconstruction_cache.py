@@ -16,6 +16,7 @@ from ahcq.quantization.api import (
     quantization_disabled,
     quantize,
 )
+from ahcq.quantization.granularity import PerChannel
 from ahcq.quantization.layers import QuantMatMul
 from ahcq.quantization.quantizers import Role
 from ahcq.seeding import (
@@ -137,7 +138,7 @@ def make_decoder() -> Decoder:
     torch.manual_seed(0)
     model = Decoder()
     act = QuantSpec(bits=4)
-    quantize(model, act, QuantSpec(quantizer="adaround", observer="mse", bits=4, ch_axis=0))
+    quantize(model, act, QuantSpec(quantizer="adaround", observer="mse", bits=4, granularity=PerChannel(0)))
     for i, layer in enumerate(model.layers):
         layer.scores.a_quantizer = build_quantizer(act, Role.QUERY, f"layers.{i}.scores.a_quantizer")
         layer.scores.b_quantizer = build_quantizer(act, Role.KEY, f"layers.{i}.scores.b_quantizer")

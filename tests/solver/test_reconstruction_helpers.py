@@ -5,14 +5,15 @@ import torch
 from torch import nn
 
 from ahcq.quantization.api import QuantSpec, build_quantizer, calibrating, quantize
+from ahcq.quantization.granularity import ChannelGroups, PerChannel
 from ahcq.quantization.layers import QuantMatMul
 from ahcq.quantization.quantizers import Role
 
 DIM, HIDDEN, TOKENS = 16, 32, 12
 ACT = QuantSpec(quantizer="lsq", observer="avg_minmax", bits=4)
-WEIGHT = QuantSpec(quantizer="adaround", observer="mse", bits=4, ch_axis=0)
-CAG_OVERRIDES = [("*.qkv", {"act": {"quantizer": "cag", "groups": 2}}),
-                 ("*.fc1", {"act": {"quantizer": "cag", "groups": 2}})]
+WEIGHT = QuantSpec(quantizer="adaround", observer="mse", bits=4, granularity=PerChannel(0))
+CAG_OVERRIDES = [("*.qkv", {"act": {"quantizer": "cag", "granularity": ChannelGroups(2)}}),
+                 ("*.fc1", {"act": {"quantizer": "cag", "granularity": ChannelGroups(2)}})]
 
 
 class TinyBlock(nn.Module):

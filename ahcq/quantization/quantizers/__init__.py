@@ -2,24 +2,32 @@
 from __future__ import annotations
 
 from .adaround import AdaRoundQuantizer, BetaSchedule
-from .agq import AGQuantizer
+from .agq import AGQOptions, AGQuantizer
 from .base import Mode, Quantizer, Role
-from .cag import CAGQuantizer, progressive_schedule
-from .hluq import HLUQuantizer
-from .lnq import LNQuantizer
+from .cag import CAGOptions, CAGQuantizer, progressive_schedule
+from .grid import GridQuantizer
+from .hluq import HLUQOptions, HLUQuantizer
+from .lnq import LNQOptions, LNQuantizer
+from .probability import ProbabilityQuantizer
 from .uniform import FixedQuantizer, LSQQuantizer, UniformQuantizer
 
 __all__ = [
     "QUANTIZERS",
+    "AGQOptions",
     "AGQuantizer",
     "AdaRoundQuantizer",
     "BetaSchedule",
+    "CAGOptions",
     "CAGQuantizer",
     "FixedQuantizer",
+    "GridQuantizer",
+    "HLUQOptions",
     "HLUQuantizer",
+    "LNQOptions",
     "LNQuantizer",
     "LSQQuantizer",
     "Mode",
+    "ProbabilityQuantizer",
     "Quantizer",
     "Role",
     "UniformQuantizer",

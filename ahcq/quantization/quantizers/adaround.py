@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..observers import make_observer
-from ..primitives import dequantize_uniform, fake_quant_uniform, qrange, quantize_uniform, view_along
+from ..primitives import fake_quant_uniform
 from ..primitives.engine import fill_rows
-from .base import Quantizer, Role
+from .base import Role
+from .grid import GridQuantizer
 
 __all__ = ["AdaRoundQuantizer", "BetaSchedule", "ZETA", "GAMMA"]
 
@@ -139,10 +139,11 @@ class BetaSchedule:
         return self.b_end + (self.b_start - self.b_end) * (1.0 - progress)
 
 
-class AdaRoundQuantizer(Quantizer):
+class AdaRoundQuantizer(GridQuantizer):
     """AdaRound on a per-output-channel (``ch_axis=0``) or per-tensor (``ch_axis=None``) grid."""
 
     family = "adaround"
+    scale_parameter = False
 
     def __init__(
         self,
@@ -154,13 +155,7 @@ class AdaRoundQuantizer(Quantizer):
         observer: str = "mse",
         name: str = "",
     ) -> None:
-        super().__init__(role, bits, name)
-        self.symmetric = bool(symmetric)
-        self.ch_axis = ch_axis
-        self.qmin, self.qmax = qrange(bits, self.symmetric)
-        self.observer = make_observer(observer, bits=bits, symmetric=self.symmetric, axis=ch_axis, name=name)
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        super().__init__(role, bits, symmetric=symmetric, ch_axis=ch_axis, observer=observer, name=name)
         self.register_buffer("hard", torch.tensor(False))
         self.alpha = nn.Parameter(torch.zeros(()))
         self._init_weight: torch.Tensor | None = None
@@ -176,31 +171,29 @@ class AdaRoundQuantizer(Quantizer):
 
     def reset_statistics(self) -> None:
         super().reset_statistics()
-        self.observer.reset()
         self._init_weight = None
 
     def observe(self, x: torch.Tensor, **ctx: Any) -> None:
-        self.observer.observe(x)
+        super().observe(x)
         self._init_weight = x
 
     def compute_params(self) -> None:
-        scale, zero_point = self.observer.qparams(self.bits, self.symmetric)
-        self.scale = scale.detach().float().to(self.scale.device).clone()
-        self.zero_point = zero_point.detach().round().to(self.zero_point.device, torch.int32)
+        super().compute_params()
         self.init_rounding(self._init_weight)
         self._init_weight = None
 
+    def grid_changed(self, weight: torch.Tensor) -> None:
+        """A rewritten grid restarts the rounding from the float weights."""
+        self.init_rounding(weight)
+
     @torch.no_grad()
     def init_rounding(self, w: torch.Tensor) -> None:
-        """Soft rounding where the soft weights equal ``w`` on the current grid; called again by whatever
-        replaces the grid (weight grouping), so that learning starts from the float weights."""
-        rest = w / self._view(self.scale, w) - torch.floor(w / self._view(self.scale, w))
+        """Soft rounding where the soft weights equal ``w`` on the current grid, so that learning starts from
+        the float weights."""
+        rest = w / self.along(self.scale, w) - torch.floor(w / self.along(self.scale, w))
         self.alpha.data = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0).to(self.alpha.device)
         self.hard.fill_(False)
         self.clear_cache()
-
-    def _view(self, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return p if self.ch_axis is None else view_along(p, w, self.ch_axis)
 
     def rounding(self) -> torch.Tensor:
         """The rounding bits: soft ``h(V)`` in [0, 1], or hard ``1[V >= 0]`` once hardened."""
@@ -232,29 +225,41 @@ class AdaRoundQuantizer(Quantizer):
         if key is not None and cached is not None and cached[0] == key:
             return cached[2]
         with torch.no_grad():
-            down = torch.floor(w.detach() / self._view(self.scale, w))
+            down = torch.floor(w.detach() / self.along(self.scale, w))
         # the aliases keep the keyed storages alive so that no other tensor can reuse their addresses
         self.__dict__["_floor_cache"] = (key, tuple(t.detach() for t in tensors), down) if key else None
         return down
 
-    def _check_weight(self, w: torch.Tensor) -> None:
-        if w.shape != self.alpha.shape:
+    def check_shape(self, x: torch.Tensor) -> None:
+        if x.shape != self.alpha.shape:
             raise ValueError(
-                f"quantizer {self.name!r}: weight of shape {tuple(w.shape)} does not match the calibrated "
+                f"quantizer {self.name!r}: weight of shape {tuple(x.shape)} does not match the calibrated "
                 f"shape {tuple(self.alpha.shape)}"
             )
 
     def grid_value(self, w: torch.Tensor) -> torch.Tensor:
         """``s*(floor(w/s) + hard bit)``: the value whose uniform fake-quant is the hardened weight."""
-        scale = self._view(self.scale, w)
+        scale = self.along(self.scale, w)
         return (torch.floor(w.detach() / scale) + (self.alpha.detach() >= 0).to(w.dtype)) * scale
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def grid_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes exist once the rounding is hard: the hardened weight's grid value."""
+        if not self.is_hard:
+            raise RuntimeError(f"quantizer {self.name!r}: integer codes need hardened rounding; "
+                               "call harden()")
+        return self.grid_value(x)
+
+    def fake_quant(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         self.require_calibrated()
-        self._check_weight(x)
+        self.check_shape(x)
         if self.is_hard:
-            return fake_quant_uniform(self.grid_value(x), self.scale, self.zero_point, self.qmin, self.qmax,
-                                      self.ch_axis)
+            out = fake_quant_uniform(self.grid_value(x), self.scale, self.zero_point, self.qmin, self.qmax,
+                                     self.ch_axis)
+        else:
+            out = self._soft_fake_quant(x)
+        return out if keep is None else torch.where(keep, x, out)
+
+    def _soft_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         # rows of [R, K] blocks share a grid: the channel axis moved first (a copy unless it is axis 0)
         axis = None if self.ch_axis is None else self.ch_axis % x.dim()
         alpha, down = self.alpha, self._floor(x)
@@ -269,34 +274,11 @@ class AdaRoundQuantizer(Quantizer):
                                   self.qmax)
         return out.view(x.shape) if axis is None else out.view(alpha.shape).movedim(0, axis)
 
-    def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
-        self._require_hard("quantize_int")
-        self._check_weight(x)
-        return quantize_uniform(self.grid_value(x), self.scale, self.zero_point, self.qmin, self.qmax,
-                                self.ch_axis)
-
-    def dequantize_int(self, codes: torch.Tensor) -> torch.Tensor:
-        self.require_calibrated()
-        return dequantize_uniform(codes, self.scale, self.zero_point, self.ch_axis)
-
-    def _require_hard(self, what: str) -> None:
+    def export(self) -> dict[str, np.ndarray]:
         self.require_calibrated()
         if not self.is_hard:
-            raise RuntimeError(f"quantizer {self.name!r}: {what} needs hardened rounding; call harden()")
-
-    def export(self) -> dict[str, np.ndarray]:
-        self._require_hard("export")
-        return {
-            "kind": np.array("uniform"),
-            "bits": np.array(self.bits, dtype=np.int32),
-            "qmin": np.array(self.qmin, dtype=np.int32),
-            "qmax": np.array(self.qmax, dtype=np.int32),
-            "axis": np.array(-1 if self.ch_axis is None else self.ch_axis, dtype=np.int32),
-            "per_channel": np.array(self.ch_axis is not None),
-            "scale": self.scale.cpu().numpy().astype(np.float32).reshape(-1),
-            "zero_point": self.zero_point.cpu().numpy().astype(np.int32).reshape(-1),
-        }
+            raise RuntimeError(f"quantizer {self.name!r}: export needs hardened rounding; call harden()")
+        return super().export()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ch_axis={self.ch_axis}, hard={self.is_hard}"
-
+        return f"{super().extra_repr()}, hard={self.is_hard}"

@@ -3,7 +3,9 @@
 A quantizer is an ``nn.Module`` whose behaviour is selected by an explicit ``Mode`` (never by module-name
 substrings): ``OFF`` passes through, ``CALIBRATE`` observes statistics and passes through, ``QUANTIZE``
 fake-quantizes, ``DROP`` mixes float and fake-quantized elements (QDrop). Leaving ``CALIBRATE`` calls
-``finalize()`` once, which turns the statistics into quantization parameters.
+``finalize()`` once, which turns the statistics into quantization parameters. QDrop has one path: every
+family's ``fake_quant(x, keep)`` leaves the elements of ``keep`` float (values and gradients), fused into its
+own fake-quant where it can.
 
 Parameters whose shape is only known after calibration (per-channel scales, AdaRound logits) are created at
 construction and resized in place through ``.data``, so an optimizer built before calibration keeps valid
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..granularity import Granularity, PerTensor
 from ..primitives import NonFiniteInputError, checking_finite
 
 __all__ = ["Mode", "Quantizer", "Role", "keep_mask"]
@@ -89,6 +92,10 @@ class Quantizer(nn.Module):
     """
 
     family: str = "base"
+    granularities: tuple[type, ...] = (PerTensor,)  # the granularities the family can be built with
+    symmetric_ok = False  # whether a symmetric grid is meaningful for the family
+    uses_observer = True  # False: the family searches its own range and takes no observer
+    options: type | None = None  # the family's own options dataclass (its keyword arguments)
 
     def __init__(self, role: Role, bits: int, name: str = "") -> None:
         super().__init__()
@@ -105,6 +112,11 @@ class Quantizer(nn.Module):
         self.generator: torch.Generator | None = None
         self.register_buffer("calibrated", torch.tensor(False))
         self._observed_batches = 0
+
+    @property
+    def granularity(self) -> Granularity:
+        """How the family lays its grids over a tensor (per tensor unless the family says otherwise)."""
+        return PerTensor()
 
     @property
     def observed_batches(self) -> int:
@@ -208,7 +220,7 @@ class Quantizer(nn.Module):
                 self._observed_batches += 1
             return x
         if self.mode is Mode.DROP:
-            return self.fake_quant_drop(x, self.drop_mask(x))
+            return self.fake_quant(x, self.drop_mask(x))
         xq = self.fake_quant(x)
         if cacheable:
             # a result with a graph must be recomputed (each backward needs its own); the aliases keep the
@@ -254,11 +266,6 @@ class Quantizer(nn.Module):
         ``self.generator``)."""
         return keep_mask(x.shape, self.drop_p, self.generator, x.device)
 
-    def fake_quant_drop(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``where(keep, x, fake_quant(x))``, values and gradients (QDrop); families that can fuse the mix
-        into their fake-quant override it."""
-        return torch.where(keep, x, self.fake_quant(x))
-
     def check_finite(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming this quantizer when ``x`` holds NaN or Inf.
 
@@ -287,8 +294,9 @@ class Quantizer(nn.Module):
         """Statistics → parameters, written in place."""
         raise NotImplementedError(f"{type(self).__name__}.compute_params")
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize-dequantize ``x`` with the current parameters (differentiable where the family learns)."""
+    def fake_quant(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantize-dequantize ``x`` with the current parameters (differentiable where the family learns);
+        the elements where ``keep`` (QDrop's mask) is true stay float, in value and gradient."""
         raise NotImplementedError(f"{type(self).__name__}.fake_quant")
 
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:

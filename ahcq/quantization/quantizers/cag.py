@@ -24,16 +24,18 @@ whichever channel or group held it before.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
+from ..granularity import ChannelGroups, Granularity
 from ..primitives import expand_groups, qparams_from_minmax, qrange
 from .base import Role
 from .uniform import LSQQuantizer
 
-__all__ = ["CAGQuantizer", "GroupRange", "cluster_grids", "progressive_schedule"]
+__all__ = ["CAGOptions", "CAGQuantizer", "GroupRange", "cluster_grids", "progressive_schedule"]
 
 
 class GroupRange(str, enum.Enum):
@@ -41,6 +43,14 @@ class GroupRange(str, enum.Enum):
 
     ENVELOPE = "envelope"  # the lowest lo to the highest hi: no member is clipped (ours)
     MEAN = "mean"  # the mean of the members' ends: the mean member scale (the references)
+
+
+@dataclass(frozen=True)
+class CAGOptions:
+    """CAG's own settings: the K-means seed and how a group's range comes from its members'."""
+
+    seed: int = 0
+    group_range: GroupRange = GroupRange.ENVELOPE
 
 
 def progressive_schedule(groups: int = 4) -> list[int]:
@@ -86,6 +96,8 @@ class CAGQuantizer(LSQQuantizer):
     """Grouped-channel uniform quantizer on the last axis; ``groups`` is the final group count G."""
 
     family = "cag"
+    granularities = (ChannelGroups,)
+    options = CAGOptions
 
     def __init__(
         self,
@@ -93,7 +105,6 @@ class CAGQuantizer(LSQQuantizer):
         bits: int = 8,
         *,
         symmetric: bool = False,
-        ch_axis: int | None = -1,
         observer: str = "avg_minmax",
         groups: int | None = 4,
         seed: int = 0,
@@ -101,8 +112,6 @@ class CAGQuantizer(LSQQuantizer):
         group_range: GroupRange | str = GroupRange.ENVELOPE,
         name: str = "",
     ) -> None:
-        if ch_axis not in (None, -1):
-            raise ValueError(f"quantizer {name!r}: CAG groups the last axis; got ch_axis={ch_axis}")
         if groups is not None and groups < 1:
             raise ValueError(f"quantizer {name!r}: groups must be >= 1, got {groups}")
         super().__init__(role, bits, symmetric=symmetric, ch_axis=-1, observer=observer, name=name)
@@ -117,6 +126,10 @@ class CAGQuantizer(LSQQuantizer):
         self.register_buffer("group_index", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("groups", torch.tensor(1, dtype=torch.int64))
 
+    @property
+    def granularity(self) -> Granularity:
+        return ChannelGroups(self.target_groups)
+
     def compute_params(self) -> None:
         super().compute_params()
         channels = self.zero_point.numel()
@@ -127,7 +140,7 @@ class CAGQuantizer(LSQQuantizer):
         return (expand_groups(self.effective_scale(), self.group_index),
                 expand_groups(self.zero_point, self.group_index))
 
-    def _check_shape(self, x: torch.Tensor) -> None:
+    def check_shape(self, x: torch.Tensor) -> None:
         if x.dim() == 0 or x.shape[-1] != self.group_index.numel():
             raise ValueError(f"quantizer {self.name!r}: input of shape {tuple(x.shape)} does not have "
                              f"{self.group_index.numel()} channels on the last axis")

@@ -12,6 +12,7 @@ place, so optimizers built before calibration stay valid.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,34 +24,40 @@ from ..primitives import SCALE_EPS, dequantize_hluq, fake_quant_hluq, quantize_h
 from .base import Quantizer, Role
 from .search import consumer_error
 
-__all__ = ["HLUQuantizer"]
+__all__ = ["HLUQOptions", "HLUQuantizer"]
 
 Consumer = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HLUQOptions:
+    """HLUQ's search candidates: fractions of the range below the breakpoint and of the codes on the log
+    part (the ``hluq`` section's keys)."""
+
+    range_splits: tuple[float, ...] = (0.1, 0.3, 0.5)
+    level_splits: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2)
 
 
 class HLUQuantizer(Quantizer):
     """Per-tensor hybrid log-uniform quantizer with an output-aware initial grid search."""
 
     family = "hluq"
+    options = HLUQOptions
 
     def __init__(
         self,
         role: Role = Role.INPUT,
         bits: int = 8,
         *,
-        symmetric: bool = False,
-        ch_axis: int | None = None,
         observer: str = "avg_minmax",
-        range_splits: Sequence[float] = (0.1, 0.3, 0.5),
-        level_splits: Sequence[float] = (1 / 8, 1 / 4, 1 / 2),
+        range_splits: Sequence[float] = HLUQOptions.range_splits,
+        level_splits: Sequence[float] = HLUQOptions.level_splits,
         next_layer: Consumer | None = None,
         name: str = "",
     ) -> None:
         super().__init__(role, bits, name)
-        if symmetric or ch_axis is not None:
-            raise ValueError(f"quantizer {name!r}: HLUQ is asymmetric and per tensor "
-                             f"(got symmetric={symmetric}, ch_axis={ch_axis})")
         levels = 2**bits
+        self.range_splits, self.level_splits = tuple(range_splits), tuple(level_splits)
         self.candidates: list[tuple[float, int]] = []
         for r in range_splits:
             if not 0.0 < r < 1.0:
@@ -118,9 +125,6 @@ class HLUQuantizer(Quantizer):
     def fake_quant(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         x_min, s1, s2, n_log = self._params()
         return fake_quant_hluq(x, x_min, s1, s2, n_log, self.bits, keep)
-
-    def fake_quant_drop(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return self.fake_quant(x, keep)
 
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
         x_min, s1, s2, n_log = self._params()

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from .adaround import AdaRoundQuantizer
+from ..granularity import ChannelGroups, PerChannel
 from .base import Quantizer
-from .cag import CAGQuantizer, cluster_grids
-from .uniform import UniformQuantizer
+from .cag import cluster_grids
+from .grid import GridQuantizer
 
 __all__ = ["group_weight_grid"]
 
@@ -28,11 +28,10 @@ def group_weight_grid(quantizer: Quantizer, weight: torch.Tensor, k: int, *, see
     of distinct channel grids, since K-means cannot make more groups than distinct points. Returns the
     number of groups made. A learnable (``lsq``) scale starts grouped but is learned per channel afterwards.
     """
-    grid_family = isinstance(quantizer, (UniformQuantizer, AdaRoundQuantizer))
-    if not grid_family or isinstance(quantizer, CAGQuantizer):
+    if not isinstance(quantizer, GridQuantizer) or isinstance(quantizer.granularity, ChannelGroups):
         raise TypeError(f"quantizer {quantizer.name!r}: weight grouping needs a uniform or AdaRound weight "
                         f"grid, not {quantizer.family!r}")
-    if quantizer.ch_axis is None:
+    if not isinstance(quantizer.granularity, PerChannel):
         raise ValueError(f"quantizer {quantizer.name!r}: a per-tensor grid has no channels to group")
     if k < 1:
         raise ValueError(f"quantizer {quantizer.name!r}: weight groups must be >= 1, got {k}")
@@ -43,7 +42,5 @@ def group_weight_grid(quantizer: Quantizer, weight: torch.Tensor, k: int, *, see
                                                  quantizer.symmetric, seed=seed)
     quantizer.scale.copy_(group_scale[index])  # in place, versioned: caches keyed on the grid see the change
     quantizer.zero_point.copy_(group_zp[index])
-    if isinstance(quantizer, AdaRoundQuantizer):
-        quantizer.init_rounding(weight)
-    quantizer.clear_cache()
+    quantizer.grid_changed(weight)
     return group_scale.numel()
