@@ -20,6 +20,7 @@ from ahcq.yaml_schema import SchemaError, bad_value, check_keys, read_yaml, requ
 
 from .dialects import ConfigWarning, apply_dialect
 from .quantizers.cag import GroupRange
+from .transforms.acnr import SpectrumTarget
 
 __all__ = [
     "ACNRConfig",
@@ -415,7 +416,7 @@ class ACNRConfig:
     beta: float = _opt(0.002, _real(0.0))
     energy: float = _opt(0.8, _real(0.0, 1.0, lo_open=True))
     min_cond: float = _opt(100.0, _real(1.0))
-    target: str = _opt("mean", _choice(("mean", "median", "midrange")))
+    target: SpectrumTarget = _opt(SpectrumTarget.MEAN, _enum(SpectrumTarget))
     calib: int = _opt(32, _integer(1))
     error: ACNRError = _opt(ACNRError.ACCUMULATED, _enum(ACNRError))
 

@@ -14,15 +14,22 @@ during the iterations, so they are computed once (in float64) and only the spect
 """
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ACNRResult", "TARGETS", "acnr", "apply_acnr_", "error_energy", "proximal_singular_values"]
+__all__ = ["ACNRResult", "SpectrumTarget", "acnr", "apply_acnr_", "error_energy", "proximal_singular_values"]
 
-TARGETS = ("mean", "median", "midrange")
+
+class SpectrumTarget(str, enum.Enum):
+    """The value ``t`` the singular values are pulled toward."""
+
+    MEAN = "mean"
+    MEDIAN = "median"
+    MIDRANGE = "midrange"
 
 
 @dataclass(frozen=True)
@@ -64,10 +71,10 @@ def error_energy(delta_x: Tensor | Sequence[Tensor], directions: Tensor) -> Tens
     return total / len(samples)
 
 
-def _target(sigma: Tensor, kind: str) -> Tensor:
-    if kind == "mean":
+def _target(sigma: Tensor, kind: SpectrumTarget) -> Tensor:
+    if kind is SpectrumTarget.MEAN:
         return sigma.mean()
-    if kind == "median":
+    if kind is SpectrumTarget.MEDIAN:
         return sigma.median()
     return (sigma.max() + sigma.min()) / 2
 
@@ -77,8 +84,7 @@ def _condition(sigma: Tensor) -> float:
     return float("inf") if smin == 0.0 else float(sigma.max()) / smin
 
 
-def _check_args(weight: Tensor, iters: int, lam: float, beta: float, energy: float, min_cond: float,
-                target: str) -> None:
+def _check_args(weight: Tensor, iters: int, lam: float, beta: float, energy: float, min_cond: float) -> None:
     if weight.dim() != 2:
         raise ValueError(f"ACNR: weight must be 2-D [Cout, Cin], got shape {tuple(weight.shape)}")
     if not bool(torch.isfinite(weight).all()):
@@ -86,8 +92,6 @@ def _check_args(weight: Tensor, iters: int, lam: float, beta: float, energy: flo
     if iters < 0 or lam < 0 or beta < 0 or not 0.0 < energy <= 1.0 or min_cond < 1.0:
         raise ValueError(f"ACNR: need iters >= 0, lam >= 0, beta >= 0, energy in (0, 1], min_cond >= 1; got "
                          f"iters={iters}, lam={lam}, beta={beta}, energy={energy}, min_cond={min_cond}")
-    if target not in TARGETS:
-        raise ValueError(f"ACNR: target {target!r} is not one of {', '.join(TARGETS)}")
 
 
 @torch.no_grad()
@@ -99,13 +103,18 @@ def acnr(
     beta: float = 0.001,
     energy: float = 0.8,
     min_cond: float = 100.0,
-    target: str = "mean",
+    target: SpectrumTarget | str = SpectrumTarget.MEAN,
 ) -> ACNRResult:
     """Condition ``weight`` ``[Cout, Cin]`` against the activation error ``delta_x`` (float − quantized).
 
     Layers whose condition number is below ``min_cond`` are returned unchanged (``skipped``).
     """
-    _check_args(weight, iters, lam, beta, energy, min_cond, target)
+    _check_args(weight, iters, lam, beta, energy, min_cond)
+    try:
+        target = SpectrumTarget(target)
+    except ValueError:
+        raise ValueError(f"ACNR: target {target!r} is not one of "
+                         f"{', '.join(t.value for t in SpectrumTarget)}") from None
     w64 = weight.detach().to(torch.float64)
     left, sigma0, right = torch.linalg.svd(w64, full_matrices=False)
     cond_before = _condition(sigma0)
