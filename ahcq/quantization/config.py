@@ -423,17 +423,22 @@ class ACNRConfig:
 
 @dataclass(frozen=True)
 class LNQConfig:
-    """Log-nonlinear quantization of post-softmax attention; ``alphas`` are the searched curvatures."""
+    """Log-nonlinear quantization of post-softmax attention; ``alphas`` are the searched curvatures.
+    ``error_p`` (ours as a key): the exponent of the searched error ``mean |(x_hat - x) V|**p``; 2.4 is the
+    references', 2 the squared error (``exp/ours/``)."""
 
     enabled: bool = _opt(False, _boolean)
     alphas: tuple[float, ...] = _opt(DEFAULT_LNQ_ALPHAS, _seq(_real(0.0, lo_open=True), "positive numbers"))
+    error_p: float = _opt(2.4, _real(1.0, 4.0))
 
 
 @dataclass(frozen=True)
 class AGQConfig:
-    """Adaptive-granularity softmax quantizer settings; it is switched on by ``ptq4sam.AGQ``."""
+    """Adaptive-granularity softmax quantizer settings; it is switched on by ``ptq4sam.AGQ``. ``error_p`` as
+    in ``lnq``."""
 
     taus: tuple[int, ...] = _opt((1, 2, 4), _seq(_integer(1, 16), "integers in 1..16", increasing=True))
+    error_p: float = _opt(2.4, _real(1.0, 4.0))
 
 
 @dataclass(frozen=True)
@@ -472,10 +477,15 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class HLUQConfig:
-    """HLUQ initial grid: breakpoint fractions of the range x level fractions given to the log region."""
+    """HLUQ initial grid: breakpoint fractions of the range x level fractions given to the log region. Ours:
+    ``clips``, the fractions of the range its top is searched at (``[1.0]``: the reference's min-max top),
+    and ``uniform_candidate``, which also tries uniform grids as degenerate HLUQs (``HLUQuantizer``); the
+    defaults are the reference's, ``exp/ours/`` turns both on."""
 
     range_splits: tuple[float, ...] = _opt((0.1, 0.3, 0.5), _FRACTIONS)
     level_splits: tuple[float, ...] = _opt((0.125, 0.25, 0.5), _FRACTIONS)
+    clips: tuple[float, ...] = _opt((1.0,), _seq(_real(0.0, 1.0, lo_open=True), "numbers in (0, 1]"))
+    uniform_candidate: bool = _opt(False, _boolean)
 
 
 @dataclass(frozen=True)

@@ -62,11 +62,12 @@ def family_options(qconfig: QConfig, quantizer: str) -> Any:
     """The quantizer family's options dataclass filled from the config's method sections (``None`` for
     families without options)."""
     if quantizer == "hluq":
-        return HLUQOptions(range_splits=qconfig.hluq.range_splits, level_splits=qconfig.hluq.level_splits)
+        return HLUQOptions(range_splits=qconfig.hluq.range_splits, level_splits=qconfig.hluq.level_splits,
+                           clips=qconfig.hluq.clips, uniform_candidate=qconfig.hluq.uniform_candidate)
     if quantizer == "lnq":
-        return LNQOptions(alphas=qconfig.lnq.alphas)
+        return LNQOptions(alphas=qconfig.lnq.alphas, error_p=qconfig.lnq.error_p)
     if quantizer == "agq":
-        return AGQOptions(taus=qconfig.agq.taus)
+        return AGQOptions(taus=qconfig.agq.taus, error_p=qconfig.agq.error_p)
     if quantizer == "cag":
         return CAGOptions(seed=qconfig.seed, group_range=GroupRange(qconfig.cag.group_range))
     return None

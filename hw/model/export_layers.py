@@ -38,7 +38,8 @@ def export_mlp_lin2(path: Path, bits: int = 4, cin: int = 3072, cout: int = 768,
     with torch.no_grad():
         lin.weight.normal_(0.0, cin**-0.5, generator=gen)
         lin.bias.normal_(0.0, 0.02, generator=gen)
-    xq = HLUQuantizer(Role.INPUT, bits, level_splits=level_splits, name="mlp.lin2.input_quantizer")
+    xq = HLUQuantizer(Role.INPUT, bits, range_splits=(0.1, 0.3, 0.5), level_splits=level_splits, clips=(1.0,),
+                      uniform_candidate=False, name="mlp.lin2.input_quantizer")
     wq = LSQQuantizer(Role.WEIGHT, bits, ch_axis=0, observer="minmax", name="mlp.lin2.weight_quantizer")
     layer = QuantLinear.from_float(lin, xq, wq)
     x = nn.functional.gelu(torch.randn(n_tok, cin, generator=gen) * 1.5)

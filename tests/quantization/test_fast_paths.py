@@ -476,9 +476,9 @@ def test_lnq_search_on_a_large_map_uses_the_cap_and_is_deterministic(monkeypatch
     seen = []
     real = search.value_error
 
-    def spy(xq, x, value):
+    def spy(xq, x, value, p):
         seen.append(x.shape)
-        return real(xq, x, value)
+        return real(xq, x, value, p)
 
     monkeypatch.setattr("ahcq.quantization.quantizers.probability.value_error", spy)
     monkeypatch.setattr(search, "SEARCH_MAX_ROWS", 100)

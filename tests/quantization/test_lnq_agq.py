@@ -29,7 +29,7 @@ def calibrate(q, pairs):
 
 def test_lnq_search_is_as_good_as_a_dense_brute_force():
     p, v = attention(0)
-    q = calibrate(LNQuantizer(Role.ATTN_PROB, 4), [(p, v)])
+    q = calibrate(LNQuantizer(Role.ATTN_PROB, 4, error_p=2.4), [(p, v)])
     chosen = value_err(fake_quant_lnq(p, q.clip, q.alpha, 4), p, v)
     top = p.max().item()
     brute = min(
@@ -44,7 +44,7 @@ def test_lnq_search_is_as_good_as_a_dense_brute_force():
 
 def test_agq_search_is_as_good_as_a_dense_brute_force():
     p, v = attention(1)
-    q = calibrate(AGQuantizer(Role.ATTN_PROB, 4), [(p, v)])
+    q = calibrate(AGQuantizer(Role.ATTN_PROB, 4, error_p=2.4), [(p, v)])
     chosen = value_err(fake_quant_agq(p, q.scale.detach(), float(q.tau), 4), p, v)
     top = p.max().item()
     brute = min(
@@ -56,8 +56,8 @@ def test_agq_search_is_as_good_as_a_dense_brute_force():
 
 def test_value_changes_the_criterion():
     p, v = attention(2)
-    with_v = calibrate(LNQuantizer(Role.ATTN_PROB, 3), [(p, v)])
-    plain = LNQuantizer(Role.ATTN_PROB, 3)
+    with_v = calibrate(LNQuantizer(Role.ATTN_PROB, 3, error_p=2.4), [(p, v)])
+    plain = LNQuantizer(Role.ATTN_PROB, 3, error_p=2.4)
     plain.set_mode(Mode.CALIBRATE)
     plain(p)
     plain.set_mode(Mode.QUANTIZE)
@@ -95,7 +95,7 @@ def test_trainability_and_input_checks():
     scale = agq.scale
     calibrate(agq, [(p, v)])
     assert agq.scale is scale and scale.requires_grad
-    lnq = calibrate(LNQuantizer(Role.ATTN_PROB, 4), [(p, v)])
+    lnq = calibrate(LNQuantizer(Role.ATTN_PROB, 4, error_p=2.4), [(p, v)])
     assert not any(True for _ in lnq.parameters())
     codes = lnq.quantize_int(p)
     assert int(codes.min()) >= 0 and int(codes.max()) <= 15

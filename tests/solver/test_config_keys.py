@@ -91,7 +91,7 @@ def _forward(sam):
 
 def _quantizer_record(q: api.Quantizer) -> dict[str, Any]:
     attrs = ("bits", "symmetric", "ch_axis", "target_groups", "seed", "group_range", "candidates", "alphas",
-             "taus")
+             "taus", "error_p")
     record = {a: repr(getattr(q, a)) for a in attrs if hasattr(q, a)}
     observer = getattr(q, "observer", None)
     record.update(kind=type(q).__name__, role=q.role.name,
@@ -247,6 +247,8 @@ ENTRIES: dict[str, Entry] = {
     "lnq.enabled": ({}, LNQ_ON, built),
     "lnq.alphas": (LNQ_ON, {"lnq": {"alphas": [1.0, 2.0]}}, built),
     "agq.taus": ({}, {"agq": {"taus": [1]}}, built),
+    "agq.error_p": ({}, {"agq": {"error_p": 2.0}}, built),
+    "lnq.error_p": (LNQ_ON, {"lnq": {"error_p": 2.0}}, built),
     "pcc.enabled": (UNIFORM_QK, {"pcc": {"enabled": False}}, pcc),
     "pcc.threshold": (UNIFORM_QK, {"pcc": {"threshold": 0.1}}, pcc),
     "pcc.percentiles": (UNIFORM_QK, {"pcc": {"percentiles": [0.9, 1.0]}}, pcc),
@@ -259,6 +261,8 @@ ENTRIES: dict[str, Entry] = {
     "par.max_prompts": (STAGES, {"par": {"max_prompts": 3}}, settings),
     "hluq.range_splits": ({}, {"hluq": {"range_splits": [0.2]}}, built),
     "hluq.level_splits": ({}, {"hluq": {"level_splits": [0.25]}}, built),
+    "hluq.clips": ({}, {"hluq": {"clips": [1.0, 0.8]}}, built),
+    "hluq.uniform_candidate": ({}, {"hluq": {"uniform_candidate": True}}, built),
     "cag.groups": (ACT_CAG, {"cag": {"groups": 2}}, built),
     "cag.group_range": ({}, {"cag": {"group_range": "mean"}}, built),
     "cag.regroup_fractions": ({}, {"cag": {"regroup_fractions": [0.5]}}, settings),

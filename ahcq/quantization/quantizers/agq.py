@@ -24,9 +24,11 @@ DEFAULT_TAUS = (1, 2, 4)
 
 @dataclass(frozen=True)
 class AGQOptions:
-    """AGQ's searched log base exponents (the ``agq.taus`` key)."""
+    """AGQ's searched log base exponents and the exponent of its searched error (``agq.taus``,
+    ``agq.error_p``)."""
 
     taus: tuple[int, ...] = DEFAULT_TAUS
+    error_p: float = 2.0  # the references' 2.4 is the config default (``agq.error_p``)
 
 
 class AGQuantizer(ProbabilityQuantizer):
@@ -37,8 +39,8 @@ class AGQuantizer(ProbabilityQuantizer):
     candidate_name = "tau"
 
     def __init__(self, role: Role = Role.ATTN_PROB, bits: int = 8, *, taus: Sequence[int] = DEFAULT_TAUS,
-                 name: str = "") -> None:
-        super().__init__(role, bits, taus, name)
+                 error_p: float = AGQOptions.error_p, name: str = "") -> None:
+        super().__init__(role, bits, taus, name, error_p)
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("tau", torch.tensor(self.candidates[0]))
 

@@ -10,6 +10,14 @@ members of every group are clipped; on the trained testbed with a 200-step CPU r
 clipping compounds block after block in the encoder and costs AHCPTQ several mAP points at W6A6).
 Progressive merging uses ``progressive_schedule(G) = [8G, 4G, 2G, G]``.
 
+With ``group_range="search"`` (ours; the default of this class, the config's default stays ``envelope``)
+each group's range minimises the mean squared error over its members' values: calibration keeps a seeded
+uniform sample of at most ``SAMPLE_NUMEL`` input values (whole rows, a persistent buffer, so a resumed run
+can regroup), and ``regroup`` runs the MSE range search (``observers.MSEObserver``, ``p = 2``) on every
+group's members in that sample. A group can then clip its rare largest values instead of stretching its grid
+over them, and one group's error is at most what the envelope or mean rule gives up to the search's
+resolution.
+
 Clustering features: each channel's ``(lo, hi)``, each standardised across channels. Both ends are in the
 activation's own unit, so neither is an arbitrary mix of units (the reference clusters the raw
 ``(scale, zero point)`` pair, where the integer zero point dominates whenever scales are much smaller than
@@ -25,17 +33,20 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
 from ..granularity import ChannelGroups, Granularity
+from ..observers import MSEObserver
 from ..primitives import expand_groups, qparams_from_minmax, qrange
 from .base import Role
 from .uniform import LSQQuantizer
 
-__all__ = ["CAGOptions", "CAGQuantizer", "GroupRange", "cluster_grids", "progressive_schedule"]
+__all__ = ["SAMPLE_NUMEL", "CAGOptions", "CAGQuantizer", "GroupRange", "cluster_grids",
+           "progressive_schedule", "searched_group_grids"]
 
 
 class GroupRange(str, enum.Enum):
@@ -43,6 +54,10 @@ class GroupRange(str, enum.Enum):
 
     ENVELOPE = "envelope"  # the lowest lo to the highest hi: no member is clipped (ours)
     MEAN = "mean"  # the mean of the members' ends: the mean member scale (the references)
+    SEARCH = "search"  # the range of least squared error over the members' sampled values (ours)
+
+
+SAMPLE_NUMEL = 2**20  # values of the calibration sample kept for the range search (whole rows)
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,7 @@ class CAGOptions:
     """CAG's own settings: the K-means seed and how a group's range comes from its members'."""
 
     seed: int = 0
-    group_range: GroupRange = GroupRange.ENVELOPE
+    group_range: GroupRange = GroupRange.SEARCH
 
 
 def progressive_schedule(groups: int = 4) -> list[int]:
@@ -92,6 +107,22 @@ def cluster_grids(
     return index, group_scale.to(scale.device), group_zp.round().to(scale.device, torch.int32)
 
 
+@torch.no_grad()
+def searched_group_grids(sample: torch.Tensor, index: torch.Tensor, bits: int, symmetric: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group ``g`` of ``index`` (channel -> group), the (scale, zero point) of least squared error over
+    the values ``sample[:, index == g]``."""
+    scales, zero_points = [], []
+    for g in range(int(index.max()) + 1):
+        observer = MSEObserver(bits, symmetric, p=2.0, name=f"group {g}")
+        observer.observe(sample[:, (index == g).to(sample.device)])
+        scale, zero_point = observer.qparams()
+        scales.append(scale.reshape(()))
+        zero_points.append(zero_point.reshape(()))
+    device = index.device
+    return torch.stack(scales).to(device), torch.stack(zero_points).round().to(device, torch.int32)
+
+
 class CAGQuantizer(LSQQuantizer):
     """Grouped-channel uniform quantizer on the last axis; ``groups`` is the final group count G."""
 
@@ -109,7 +140,7 @@ class CAGQuantizer(LSQQuantizer):
         groups: int | None = 4,
         seed: int = 0,
         n_init: int = 10,
-        group_range: GroupRange | str = GroupRange.ENVELOPE,
+        group_range: GroupRange | str = GroupRange.SEARCH,
         name: str = "",
     ) -> None:
         if groups is not None and groups < 1:
@@ -121,10 +152,42 @@ class CAGQuantizer(LSQQuantizer):
         try:
             self.group_range = GroupRange(group_range)
         except ValueError:
-            raise ValueError(f"quantizer {name!r}: group_range must be 'envelope' or 'mean', "
-                             f"got {group_range!r}") from None
+            raise ValueError(f"quantizer {name!r}: group_range must be one of "
+                             f"{', '.join(g.value for g in GroupRange)}, got {group_range!r}") from None
         self.register_buffer("group_index", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("groups", torch.tensor(1, dtype=torch.int64))
+        self.register_buffer("range_sample", torch.zeros(0, 0))
+        self._sampled_rows = 0
+
+    def reset_statistics(self) -> None:
+        super().reset_statistics()
+        self.range_sample = torch.zeros(0, 0, device=self.range_sample.device)
+        self._sampled_rows = 0
+
+    def observe(self, x: torch.Tensor, **ctx: Any) -> None:
+        super().observe(x)
+        if self.group_range is GroupRange.SEARCH:
+            self._sample_rows(x.detach().reshape(-1, x.shape[-1]).float())
+
+    def _sample_rows(self, rows: torch.Tensor) -> None:
+        """Reservoir sampling: every row seen in this calibration pass is in the sample with the same
+        probability (seeded by ``seed`` and the rows seen before, so the sample is reproducible)."""
+        capacity = max(1, SAMPLE_NUMEL // rows.shape[1])
+        seen = self._sampled_rows
+        self._sampled_rows += rows.shape[0]
+        if self.range_sample.numel() == 0:
+            self.range_sample = rows.new_zeros(0, rows.shape[1])
+        free = capacity - self.range_sample.shape[0]
+        if free > 0:
+            self.range_sample = torch.cat([self.range_sample, rows[:free]])
+            rows, seen = rows[free:], seen + min(free, rows.shape[0])
+        if rows.shape[0] == 0:
+            return
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + seen)
+        positions = torch.arange(seen + 1, seen + rows.shape[0] + 1, dtype=torch.float64)
+        slots = (torch.rand(rows.shape[0], generator=gen, dtype=torch.float64) * positions).long()
+        chosen = slots < capacity
+        self.range_sample[slots[chosen].to(rows.device)] = rows[chosen]
 
     @property
     def granularity(self) -> Granularity:
@@ -157,9 +220,15 @@ class CAGQuantizer(LSQQuantizer):
         if not 1 <= k <= channels:
             raise ValueError(f"quantizer {self.name!r}: regroup({k}) needs 1 <= k <= {channels} channels")
         scale, zero_point = self.channel_params()
+        searched = self.group_range is GroupRange.SEARCH
+        if searched and self.range_sample.numel() == 0:
+            raise RuntimeError(f"quantizer {self.name!r}: group_range 'search' needs the calibration sample; "
+                               "calibrate this quantizer before regrouping")
+        rule = GroupRange.MEAN if searched else self.group_range  # the searched ranges replace the rule's
         index, group_scale, group_zp = cluster_grids(scale.detach(), zero_point, k, self.bits, self.symmetric,
-                                                     seed=self.seed, n_init=self.n_init,
-                                                     group_range=self.group_range)
+                                                     seed=self.seed, n_init=self.n_init, group_range=rule)
+        if searched:
+            group_scale, group_zp = searched_group_grids(self.range_sample, index, self.bits, self.symmetric)
         used = group_scale.numel()
         self.scale.data.fill_(1.0)
         self.scale.data[:used] = group_scale.to(self.scale.device)

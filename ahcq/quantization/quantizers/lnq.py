@@ -25,9 +25,10 @@ MIN_CLIP = 1e-4
 
 @dataclass(frozen=True)
 class LNQOptions:
-    """LNQ's searched curvatures (the ``lnq.alphas`` key)."""
+    """LNQ's searched curvatures and the exponent of its searched error (``lnq.alphas``, ``lnq.error_p``)."""
 
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    error_p: float = 2.0  # the references' 2.4 is the config default (``lnq.error_p``)
 
 
 class LNQuantizer(ProbabilityQuantizer):
@@ -38,8 +39,9 @@ class LNQuantizer(ProbabilityQuantizer):
     candidate_name = "alpha"
 
     def __init__(self, role: Role = Role.ATTN_PROB, bits: int = 8, *,
-                 alphas: Sequence[float] = DEFAULT_ALPHAS, name: str = "") -> None:
-        super().__init__(role, bits, alphas, name)
+                 alphas: Sequence[float] = DEFAULT_ALPHAS, error_p: float = LNQOptions.error_p,
+                 name: str = "") -> None:
+        super().__init__(role, bits, alphas, name, error_p)
         self.register_buffer("alpha", torch.tensor(self.candidates[0]))
         self.register_buffer("clip", torch.ones(()))
 

@@ -3,7 +3,8 @@
 Both families have a shape parameter picked from a list of candidates (LNQ's curvature ``alpha``, AGQ's
 log base exponent ``tau``) and a range scalar (LNQ's clip, AGQ's scale). Calibration tries every candidate
 and, for each, finds the range scalar by bounded scalar minimisation of the value-aware error
-``mean(|(x_hat - x) @ V|**p)`` (``value=`` V in the call context; the plain error without it), measured on
+``mean(|(x_hat - x) @ V|**p)`` (``value=`` V in the call context; the plain error without it; ``p`` = 2.4 in
+the references, 2 by default here, the squared error), measured on
 at most ``search.SEARCH_MAX_ROWS`` seeded random probability rows (the bounds use every row). Errors add
 up and range scalars average over batches; the candidate with the least total error is kept.
 """
@@ -37,8 +38,12 @@ class ProbabilityQuantizer(Quantizer):
     uses_observer = False
     candidate_name = "candidate"
 
-    def __init__(self, role: Role, bits: int, candidates: Sequence[float], name: str) -> None:
+    def __init__(self, role: Role, bits: int, candidates: Sequence[float], name: str, error_p: float = 2.0
+                 ) -> None:
         super().__init__(role, bits, name)
+        if not 1.0 <= error_p <= 4.0:
+            raise ValueError(f"quantizer {name!r}: error_p must be in [1, 4], got {error_p}")
+        self.error_p = float(error_p)
         if not candidates or any(not c > 0 for c in candidates):
             raise ValueError(f"quantizer {name!r}: {self.candidate_name}s must be non-empty and positive, "
                              f"got {candidates}")
@@ -71,7 +76,7 @@ class ProbabilityQuantizer(Quantizer):
         for i, candidate in enumerate(self.candidates):
 
             def error(scalar: float, candidate: float = candidate) -> float:
-                return value_error(self.candidate_fake_quant(x, candidate, scalar), x, value)
+                return value_error(self.candidate_fake_quant(x, candidate, scalar), x, value, self.error_p)
 
             scalar, err = bounded_argmin(error, lo, hi)
             self.search_errors[i] += err
