@@ -43,12 +43,14 @@ __all__ = [
 
 @dataclass
 class Sample:
-    """One annotated image: HxWx3 uint8 RGB, xyxy boxes ``[N, 4]`` and GT masks ``[N, H, W]``."""
+    """One annotated image: HxWx3 uint8 RGB, xyxy boxes ``[N, 4]``, GT masks ``[N, H, W]`` and category ids
+    ``[N]``."""
 
     image_id: int
     image: np.ndarray
     boxes: np.ndarray
     masks: np.ndarray
+    categories: np.ndarray
 
 
 def load_sam_checkpoint(checkpoint: str | Path, model_type: str | None = None) -> Sam:
@@ -87,7 +89,8 @@ def load_samples(root: str | Path, split: str, count: int, seed: int) -> list[Sa
         boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                  for a in anns[info["id"]]]
         masks = np.stack([rle_to_mask(a["segmentation"]) for a in anns[info["id"]]])
-        samples.append(Sample(info["id"], image, np.array(boxes, dtype=np.float32), masks))
+        categories = np.array([a["category_id"] for a in anns[info["id"]]], dtype=np.int64)
+        samples.append(Sample(info["id"], image, np.array(boxes, dtype=np.float32), masks, categories))
     return samples
 
 

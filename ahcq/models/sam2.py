@@ -25,7 +25,7 @@ from ahcq.models.sam2_attention import SAM2_TWIN_TYPES, make_twin
 from ahcq.models.sam2_roles import matching, sam2_role_map
 from ahcq.quantization.config import QConfig
 from ahcq.quantization.layers import QuantLayer
-from ahcq.quantization.recipe import quantize_layers, user_overrides
+from ahcq.quantization.recipe import check_allocation, quantize_layers, user_overrides
 
 __all__ = ["DECODER_PATTERN", "DEFAULT_KEEP_FLOAT", "attention_twins", "prepare_sam2", "quantize_sam2"]
 
@@ -82,6 +82,7 @@ def quantize_sam2(
     _check_model(model, "quantize_sam2")
     if not isinstance(qconfig, QConfig):
         raise TypeError(f"quantize_sam2 expects a QConfig, got {type(qconfig).__name__}")
+    check_allocation(model, qconfig)
     patterns = float_patterns(True, keep_float)
     prepare_sam2(model, patterns)
     role_map = sam2_role_map(qconfig)

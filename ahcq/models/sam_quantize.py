@@ -19,7 +19,7 @@ from ahcq.models.sam_attention import ATTENTION_SLOTS, QuantDecoderAttention, Qu
 from ahcq.models.sam_roles import matching, sam_role_map
 from ahcq.quantization import api
 from ahcq.quantization.config import QConfig
-from ahcq.quantization.recipe import quantize_layers, user_overrides
+from ahcq.quantization.recipe import check_allocation, quantize_layers, user_overrides
 
 __all__ = ["DECODER_PATTERN", "quantize_sam"]
 
@@ -58,6 +58,7 @@ def quantize_sam(
     patterns = float_patterns(quant_encoder, keep_float)
     role_map = sam_role_map(qconfig)
     user = user_overrides(qconfig)
+    check_allocation(sam, qconfig)
     _check_scope(sam, patterns, role_map, [pattern for pattern, override in user if override is None])
     prepare_sam(sam, quant_encoder, patterns)
     _, *recipes = quantize_layers(sam, qconfig, input_sites(role_map), skip_patterns(patterns),

@@ -19,6 +19,7 @@ from typing import Any
 from ahcq.yaml_schema import SchemaError, bad_value, check_keys, read_yaml, require_mapping
 
 from .dialects import ConfigWarning, apply_dialect
+from .mixed import Allocation, Budget, allocate, read_sensitivity
 from .quantizers.cag import GroupRange
 from .transforms.acnr import SpectrumTarget
 
@@ -502,6 +503,21 @@ class CAGConfig:
 
 
 @dataclass(frozen=True)
+class MixedConfig:
+    """Float fallback and mixed precision (ours; ``ahcq.quantization.mixed``) from ``sensitivity``, a
+    ``tools/sensitivity.py`` results.json (relative to the YAML that names it): ``float_sites`` most sensitive
+    sites stay float; ``bits`` are the widths allocated per site under ``budget`` (``average_bits`` |
+    ``bops``) at ``budget_bits`` equivalent uniform bits. ``allocation`` is derived when the config loads."""
+
+    sensitivity: str | None = _opt(None, _optional(_pattern))
+    float_sites: int = _opt(0, _integer(0))
+    bits: tuple[int, ...] = _opt((), _seq(_integer(2, 8), "bit widths in 2..8", min_len=0, increasing=True))
+    budget: Budget = _opt(Budget.AVERAGE_BITS, _enum(Budget))
+    budget_bits: float = _opt(5.0, _real(2.0, 32.0))
+    allocation: Allocation | None = None
+
+
+@dataclass(frozen=True)
 class OverrideConfig:
     """Per-module override: modules whose name matches ``pattern`` stay float or take partial recipes."""
 
@@ -546,8 +562,15 @@ class QConfig:
     hluq: HLUQConfig = _section(HLUQConfig)
     cag: CAGConfig = _section(CAGConfig)
     attention: AttentionConfig = _section(AttentionConfig)
+    mixed: MixedConfig = _section(MixedConfig)
     calibrate_frames: int | None = None
     overrides: tuple[OverrideConfig, ...] = ()
+
+    def derived(self) -> dict[str, Any]:
+        """What the config derives from files it names (the ``mixed`` allocation from its sensitivity
+        file): part of a run's identity and of its results, beside ``to_dict()``."""
+        allocation = self.mixed.allocation
+        return {"mixed_allocation": allocation.as_dict()} if allocation is not None else {}
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config with YAML spellings; ``parse_qconfig(to_dict())`` gives it back."""
@@ -573,7 +596,7 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     if dataclasses.is_dataclass(value):
-        fields = dataclasses.fields(value)
+        fields = [f for f in dataclasses.fields(value) if f.metadata]  # derived fields are not YAML keys
         return {f.metadata.get("key") or f.name: _to_plain(getattr(value, f.name)) for f in fields}
     if isinstance(value, tuple):
         return [_to_plain(v) for v in value]
@@ -736,7 +759,27 @@ def _resolve(cfg: QConfig, ctx: _Ctx) -> QConfig:
         cfg,
         cag=dataclasses.replace(cfg.cag, groups=groups),
         pcc=dataclasses.replace(cfg.pcc, threshold=threshold),
+        mixed=_resolve_mixed(cfg, ctx),
     )
+
+
+def _resolve_mixed(cfg: QConfig, ctx: _Ctx) -> MixedConfig:
+    """The ``mixed`` section with its allocation solved from the sensitivity file."""
+    mixed = cfg.mixed
+    wanted = mixed.float_sites > 0 or bool(mixed.bits)
+    if mixed.sensitivity is None:
+        if wanted:
+            raise ctx.error("mixed.sensitivity", "missing; float_sites and bits need a sensitivity file "
+                                                 "(tools/sensitivity.py)")
+        return mixed
+    if not wanted:
+        raise ctx.error("mixed.sensitivity", "has no effect without mixed.float_sites or mixed.bits")
+    try:
+        allocation = allocate(read_sensitivity(mixed.sensitivity), cfg.a_qconfig.bit, mixed.float_sites,
+                              mixed.bits, mixed.budget, mixed.budget_bits)
+    except ValueError as err:
+        raise ctx.error("mixed", str(err)) from None
+    return dataclasses.replace(mixed, allocation=allocation)
 
 
 def schema_keys() -> list[str]:
@@ -786,6 +829,9 @@ def _load_tree(path: Path, shown: str, origins: dict[str, str], chain: tuple[Pat
     includes = [k for k in _INCLUDE_KEYS if k in data]
     if len(includes) > 1:
         raise ConfigError(f"{shown}: {includes[1]}: give only one of 'base' and 'root'")
+    mixed = data.get("mixed")
+    if isinstance(mixed, dict) and isinstance(mixed.get("sensitivity"), str):  # relative to this file
+        data["mixed"] = {**mixed, "sensitivity": str(path.parent / mixed["sensitivity"])}
     merged: dict = {}
     if includes:
         key = includes[0]

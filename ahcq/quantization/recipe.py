@@ -21,6 +21,7 @@ from torch import nn
 from . import api
 from .config import ConfigError, QConfig, QSpecConfig
 from .granularity import ChannelGroups, PerTensor, from_ch_axis
+from .mixed import site_patterns
 from .quantizers.agq import AGQOptions
 from .quantizers.cag import CAGOptions, GroupRange
 from .quantizers.hluq import HLUQOptions
@@ -29,6 +30,7 @@ from .quantizers.lnq import LNQOptions
 __all__ = [
     "Feature",
     "SiteFields",
+    "check_allocation",
     "UserOverrides",
     "decoder_fields",
     "family_options",
@@ -124,13 +126,32 @@ def feature_fields(qconfig: QConfig, feature: Feature) -> dict[str, Any]:
 
 
 def user_overrides(qconfig: QConfig) -> UserOverrides:
-    """The config's ``overrides`` as ``api.quantize`` takes them (``None`` keeps the match float)."""
+    """The ``mixed`` allocation's per-site widths, then the config's ``overrides`` (which win), as
+    ``api.quantize`` takes them (``None`` keeps the match float)."""
     out: UserOverrides = []
+    allocation = qconfig.mixed.allocation
+    for site, kind, bits in allocation.sites if allocation is not None else ():
+        width = partial_fields(qconfig, {"bit": bits}) if bits is not None else None
+        slots = {"act": width} if kind == "attention" else {"act": width, "weight": width}
+        out.append((site_patterns(site, kind), None if bits is None else slots))
     for o in qconfig.overrides:
         partial = {slot: partial_fields(qconfig, dict(items))
                    for slot, items in (("act", o.act), ("weight", o.weight)) if items}
         out.append((o.pattern, None if o.keep_float else partial))
     return out
+
+
+def check_allocation(model: nn.Module, qconfig: QConfig) -> None:
+    """Refuse a ``mixed`` allocation whose sites are not modules of ``model`` (a sensitivity file measured
+    on another model would otherwise change nothing)."""
+    allocation = qconfig.mixed.allocation
+    if allocation is None:
+        return
+    names = {name for name, _ in model.named_modules()}
+    missing = [site for site, _, _ in allocation.sites if site not in names]
+    if missing:
+        raise ConfigError(f"{qconfig.source}: mixed.sensitivity {qconfig.mixed.sensitivity}: sites not in "
+                          f"this model: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
 def decoder_fields(qconfig: QConfig) -> dict[str, dict[str, Any]]:

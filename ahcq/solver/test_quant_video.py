@@ -294,7 +294,7 @@ def _identity(cfg: dict[str, Any], opts: VideoRunOptions, qconfig: QConfig | Non
         "weights": weights_digest(predictor),
         "data": digest({s: _tree_digest(Path(r)) if r else None for s, r in roots.items()}
                        | {"videos": [v.name for v in samples]}),
-        "qconfig": digest(qconfig.to_dict()) if qconfig is not None else None,
+        "qconfig": digest({**qconfig.to_dict(), **qconfig.derived()}) if qconfig is not None else None,
         "calibration": [(c.sample.name, c.frames) for c in clips],
         "tracking": dataclasses.asdict(options),
         "seed": seed,

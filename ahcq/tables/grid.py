@@ -199,7 +199,8 @@ def _resolve(text: str, what: str) -> dict[str, Any]:
         path = Path(tmp) / "q_config.yaml"
         path.write_text(text)
         try:
-            return load_qconfig(path).to_dict()
+            qconfig = load_qconfig(path)
+            return {**qconfig.to_dict(), **qconfig.derived()}
         except ConfigError as err:
             raise ConfigError(f"cell {what}: {err}") from None
 

@@ -13,13 +13,16 @@ import copy
 import dataclasses
 import hashlib
 import json
+import tempfile
 import warnings
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from sensitivity_helpers import write_sensitivity
 from test_calibration import _samples
 
 from ahcq.models.sam_quantize import quantize_sam
@@ -197,6 +200,15 @@ def _spec_entries() -> dict[str, Entry]:
     return entries
 
 
+@cache
+def _sensitivity() -> str:
+    """A synthetic sensitivity file of the tiny SAM quantized with ``BASE`` (the ``mixed`` keys need one)."""
+    path = Path(tempfile.mkdtemp(prefix="ahcq-keys-")) / "sensitivity.json"
+    return str(write_sensitivity(quantize_sam(tiny_sam(), parse_qconfig(BASE), quant_encoder=True), path))
+
+
+MIXED = {"mixed": {"sensitivity": _sensitivity(), "bits": [4, 8], "budget_bits": 5.0}}
+
 ENTRIES: dict[str, Entry] = {
     **_spec_entries(),
     "method": ({}, {"method": "saqsam"}, label),
@@ -269,6 +281,13 @@ ENTRIES: dict[str, Entry] = {
     "cag.apply_to_weights": ({}, {"cag": {"apply_to_weights": True}}, calibration),
     "cag.weight_groups": ({"cag": {"apply_to_weights": True}}, {"cag": {"weight_groups": 2}}, calibration),
     "attention.rel_pos_float_q": ({}, {"attention": {"rel_pos_float_q": True}}, built),
+    "mixed.sensitivity": ({}, {"mixed": {"sensitivity": _sensitivity()}}, REFUSED),
+    "mixed.float_sites": ({"mixed": {"sensitivity": _sensitivity(), "float_sites": 1}},
+                          {"mixed": {"float_sites": 3}}, built),
+    "mixed.bits": ({"mixed": {"sensitivity": _sensitivity(), "float_sites": 1, "budget_bits": 6.0}},
+                   {"mixed": {"bits": [4, 8]}}, built),
+    "mixed.budget": (MIXED, {"mixed": {"budget": "bops"}}, built),
+    "mixed.budget_bits": (MIXED, {"mixed": {"budget_bits": 7.0}}, built),
     "overrides": ({}, {"overrides": [{"pattern": "mask_decoder.*", "float": True}]}, built),
     **{f"ahcqsam.{k}": (_overlay(ACNR, {section: {field: None}, "ahcqsam": {k: first}}),
                         {"ahcqsam": {k: second}}, probe)
