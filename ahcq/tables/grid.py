@@ -314,7 +314,10 @@ class _Reader:
         return list(data)
 
     def overlay(self, data: Any, key: str) -> dict[str, Any]:
-        """An inline mapping, or a YAML file path relative to the spec file."""
+        """An inline mapping, or a YAML file path relative to the spec file. A relative
+        ``mixed.sensitivity`` is made absolute against the file it is written in, since a cell's q_config
+        lives elsewhere."""
+        folder = self.path.parent
         if isinstance(data, str):
             path = self.path.parent / data
             if not path.is_file():
@@ -322,8 +325,12 @@ class _Reader:
             data = read_yaml(path, cls=SpecError) or {}
             if "base" in data or "root" in data:
                 raise SpecError(f"{self.path}: {key}: an overlay may not include a base")
+            folder = path.parent
         if not isinstance(data, dict):
             raise self.fail(key, "a q_config mapping or an overlay file path", data)
+        mixed = data.get("mixed")
+        if isinstance(mixed, dict) and isinstance(mixed.get("sensitivity"), str):
+            data = {**data, "mixed": {**mixed, "sensitivity": str((folder / mixed["sensitivity"]).resolve())}}
         return data
 
     def overlays(self, data: Any, key: str) -> list[dict[str, Any]]:
