@@ -235,6 +235,10 @@ def test_prompts_are_capped_by_a_seeded_subset_and_par_trains_the_last_unit_long
                      "mask_decoder.transformer.layers.0": 2, "mask_decoder.transformer.layers.1": 2,
                      "mask_decoder.transformer.final_attn_token_to_image": 10}
     assert_fully_quantized(sam)
+    # PAR's float tails (neck, later layers, final attention) pass gradients on but keep none
+    weights = {n: p.grad for n, p in sam.named_parameters() if "quantizer" not in n}
+    kept = [n for n, g in weights.items() if g is not None]
+    assert weights and not kept, kept
 
 
 def test_with_a_float_encoder_only_the_decoder_is_reconstructed_on_the_given_embedding():

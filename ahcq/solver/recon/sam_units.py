@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,13 +62,27 @@ def decoder_inputs(embedding: torch.Tensor, p: Prompted) -> tuple[torch.Tensor, 
     return p.tokens, keys, p.tokens, key_pe
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """``module``'s parameters take no gradient within the block (gradients still flow through its
+    activations): a float tail that PAR runs after a unit must not accumulate ``.grad`` step after step."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 def float_transformer_keys(sam: Sam, embedding: torch.Tensor, p: Prompted) -> torch.Tensor:
     """Image-token output of the float two-way transformer for ``embedding`` (PAR's target space)."""
     transformer = sam.mask_decoder.transformer
     n = p.tokens.shape[0]
     src = torch.repeat_interleave(embedding, n, dim=0) + p.dense
     pos = torch.repeat_interleave(p.image_pe, n, dim=0)
-    with quantization_disabled(transformer):
+    with quantization_disabled(transformer), frozen(transformer):
         return transformer(src, pos, p.tokens)[1]
 
 
@@ -129,7 +143,7 @@ class EncoderStageUnit(nn.Module):
         sam = self._sam[0]
         if sam is None:
             return x
-        with quantization_disabled(sam.image_encoder.neck):
+        with quantization_disabled(sam.image_encoder.neck), frozen(sam.image_encoder.neck):
             embedding = sam.image_encoder.neck(x.permute(0, 3, 1, 2))
         prompted = Prompted(None, None, tokens, dense, image_pe)
         return x, float_transformer_keys(sam, embedding, prompted)
@@ -213,6 +227,8 @@ class DecoderLayerUnit(nn.Module):
         with contextlib.ExitStack() as stack:
             for module in rest:
                 stack.enter_context(quantization_disabled(module))
+                stack.enter_context(frozen(module))
+            stack.enter_context(frozen(transformer.norm_final_attn))
             for layer in rest[:-1]:
                 tokens, stream = layer(queries=tokens, keys=stream, query_pe=query_pe, key_pe=key_pe)
             tokens = FinalAttnUnit(transformer)(tokens, stream, query_pe, key_pe)[0]
