@@ -149,7 +149,7 @@ def test_grid_runs_renders_and_resumes(demo_env, capsys):
     assert _cell(out, "ahcptq_w4a4_g2")["qconfig"]["cag"]["groups"] == 2
     for beta in (0.25, 0.5):
         hluq = _cell(out, f"ahcptq_w4a4_alpha0.3_beta{beta}")["qconfig"]["hluq"]
-        assert hluq == {"range_splits": [0.3], "level_splits": [beta]}
+        assert (hluq["range_splits"], hluq["level_splits"]) == ([0.3], [beta])
 
     # resume: nothing reruns (a rerun would overwrite the marked values), entries show each cell's value
     shown = _mark_distinct(out)
