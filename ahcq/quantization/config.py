@@ -746,9 +746,9 @@ def _resolve(cfg: QConfig, ctx: _Ctx) -> QConfig:
     if cfg.cag.groups is not None and cfg.cag.groups != cfg.ahcptq.group and cfg.ahcptq.cag:
         raise ctx.error("cag.groups", f"{cfg.cag.groups} contradicts ahcptq.group = {cfg.ahcptq.group}")
     threshold = cfg.pcc.threshold if cfg.pcc.threshold is not None else cfg.ptq4sam.threshold
-    if cfg.par.enabled and cfg.recon.enabled and cfg.recon.units != "stages":
+    if cfg.par.enabled and cfg.recon.enabled and cfg.recon.units is not ReconUnits.STAGES:
         raise ctx.error("par.enabled", f"prompt-aware reconstruction compares whole stages; it needs "
-                                       f"recon.units: stages, not {cfg.recon.units!r}")
+                                       f"recon.units: stages, not {cfg.recon.units.value!r}")
     levels = 2 ** cfg.a_qconfig.bit
     for g in cfg.hluq.level_splits if cfg.ahcptq.hluq else ():
         n_log = g * levels

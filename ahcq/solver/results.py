@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS_NAME", "format_table", "write_json", "write_results"]
+__all__ = ["RESULTS_NAME", "format_table", "write_json"]
 
 RESULTS_NAME = "results.json"
 _ROWS = ("segm_mAP", "segm_mAP_50", "segm_mAP_75", "bbox_mAP")
@@ -47,11 +47,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def write_results(out_dir: str | os.PathLike, results: dict[str, Any]) -> Path:
-    """Write ``out_dir/results.json`` atomically (``write_json``)."""
-    return write_json(Path(out_dir) / RESULTS_NAME, results)
 
 
 def _cell(value: float | None) -> str:

@@ -41,6 +41,7 @@ from ahcq.solver.ptq import PTQModel, run_ptq
 from ahcq.solver.recon.sam2 import reconstruct_video
 from ahcq.solver.recon.settings import ReconSettings
 from ahcq.solver.results import RESULTS_NAME, write_json
+from ahcq.solver.run_checks import RunInputError, check_finite_weights
 from ahcq.solver.run_identity import RunFolder, RunMismatch, code_version, digest, weights_digest
 from ahcq.video import VOSReport, evaluate, read_dataset
 from ahcq.video.calibration import CalibrationClip, select_clips, track_clip
@@ -232,6 +233,10 @@ def _build(cfg: dict[str, Any], seed: int, device: torch.device) -> tuple[torch.
             predictor = load_sam2(model["config"], model["checkpoint"], overrides, video=True)
     except (FileNotFoundError, ValueError, TypeError, HydraException) as err:
         raise UserError(f"model: {err}") from None
+    try:
+        check_finite_weights(predictor, f"SAM2 checkpoint {model.get('checkpoint') or '(random init)'}")
+    except RunInputError as err:
+        raise UserError(str(err)) from None
     return predictor.to(device).eval(), overrides
 
 
@@ -240,7 +245,7 @@ def sam2_ptq(predictor: torch.nn.Module, clips: list, options: TrackOptions) -> 
     clip, as the AHCQ-SAM SAM2 code does on one video; reconstruction along the quantized tracking chain."""
     def reconstruct(samples: Sequence[CalibrationClip], qconfig: QConfig, state_dir: Path | None) -> dict:
         return reconstruct_video(predictor, ReconSettings.from_qconfig(qconfig), samples, options,
-                                 whole_layers=qconfig.recon.units is ReconUnits.LAYERS, state_dir=state_dir)
+                                 units=qconfig.recon.units, state_dir=state_dir)
 
     return PTQModel(
         model=predictor,

@@ -159,6 +159,15 @@ def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path, capsys) -> N
     _fails(["--config", str(setup["config"]), "--q_config", str(setup["qconfig"]), "--calib-videos", "5"],
            capsys, "cannot draw 5 calibration videos from a dataset of 3", out)
     _fails(["--config", "not_a_model", "--fp-only"], capsys, "not_a_model", out)
+    state = torch.load(setup["ckpt"], weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point() and v.dim() == 2)
+    state["model"][name][0, 0] = float("inf")
+    torch.save(state, tmp_path / "inf.pt")
+    _fails(["--config", str(setup["config"]), "--fp-only", "--checkpoint", str(tmp_path / "inf.pt")], capsys,
+           f"tensor {name!r} holds 1 NaN/Inf", out)
+    (tmp_path / "file").write_text("")
+    _fails(["--config", str(setup["config"]), "--fp-only"], capsys, "is a file, not a folder",
+           tmp_path / "file")
 
 
 def test_video_reruns_are_refused_or_resumed_like_image_runs(setup, tmp_path, monkeypatch) -> None:

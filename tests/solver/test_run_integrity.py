@@ -21,6 +21,7 @@ from test_test_quant import SIZES, _run, _size_options, make_demo_data
 
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.solver.recon import train as recon_loop
+from ahcq.solver.results import write_json
 from ahcq.solver.test_quant import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,6 +84,16 @@ def test_reruns_with_other_inputs_are_refused_before_any_work(demo_env, tmp_path
              "new --out")
     _refused(_args(demo_env, out, "--calib-images", "1"), "calibration")  # argparse: the last one wins
     _refused(_args(demo_env, out, "--seed", "1"), "seed", "qconfig")
+    threads = torch.get_num_threads()
+    try:
+        _refused(_args(demo_env, out, "--threads", str(threads + 1)), "differs: threads")
+    finally:
+        torch.set_num_threads(threads)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    _refused(_args(demo_env, notes), "holds no finished run", "--overwrite")
+    assert (notes / "todo.txt").read_text() == "mine"
     assert _snapshot(out) == before and not list(tmp_path.glob(".run.partial"))  # nothing ran, nothing left
     again = _run(_args(demo_env, out))  # the same inputs: nothing to do, the finished run is reported
     assert again == first and _snapshot(out) == before
@@ -111,6 +122,9 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(demo_env, tmp_pa
     assert "run the same command again to resume" in stdout.getvalue()
     staging = tmp_path / ".interrupted.partial"
     assert (staging / "recon_state" / "recon_state.pt").is_file() and not out.exists()
+    kept = _snapshot(staging)
+    _refused(_args(demo_env, out, "--seed", "1"), ".interrupted.partial", "seed", "--overwrite")
+    assert _snapshot(staging) == kept and not out.exists()  # the other run's state is left as it was
     monkeypatch.setattr("ahcq.solver.recon.engine.reconstruct_unit", real)
     resumed = _run(_args(demo_env, out))
     assert resumed["calibration"]["reconstruction"]["report"]["resumed_at"] == 2
@@ -212,5 +226,22 @@ def test_logs_to_a_file_have_no_progress_bars_and_no_third_party_noise(demo_env,
     log = proc.stdout + proc.stderr
     assert "\x1b[" not in log and "\r" not in log
     assert "MMCV will release v2.0.0" not in log and "No CUDA runtime" not in log
-    assert '"bbox" is deleted' not in log
+    assert '"bbox" is deleted' not in log and "loading annotations into memory" not in log
+    assert "Accumulating evaluation results" not in log  # pycocotools' own prints
     assert "reconstruction unit 1/" in log  # one line per unit instead of a bar
+
+
+def test_a_model_that_predicts_non_finite_scores_fails_before_writing(demo_env, tmp_path):
+    state = torch.load(demo_env["ckpt"], weights_only=True)
+    state["mask_decoder.iou_prediction_head.layers.2.weight"].fill_(3e38)  # finite, but the scores overflow
+    overflow = tmp_path / "overflow.pth"
+    torch.save(state, overflow)
+    _refused(_args(demo_env, tmp_path / "o", f"model.sam.checkpoint={overflow}") + ["--fp-only"],
+             "fp evaluation", "NaN/Inf boxes or scores")
+    assert not (tmp_path / "o").exists()
+
+
+def test_results_are_strict_json(tmp_path):
+    path = write_json(tmp_path / "r.json", {"ap": float("nan"), "runs": [float("inf"), 1.5]})
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in results")) == {
+        "ap": None, "runs": [None, 1.5]}

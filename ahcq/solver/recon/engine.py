@@ -96,7 +96,7 @@ def _batcher(cache: ActivationCache, index: CaptureIndex, k: int, batch_size: in
     return batch
 
 
-def _harden_outside(model: nn.Module, units: Sequence[ReconUnit]) -> None:
+def harden_outside(model: nn.Module, units: Sequence[ReconUnit]) -> None:
     """AdaRound weights outside every unit are never trained: round them to nearest now, before they feed
     the first unit, rather than leaving soft logits that evaluate as the float weights."""
     inside = {id(q) for u in units for q in u.quantizers}
@@ -138,7 +138,7 @@ def reconstruct(
             logger.info("reconstruction: resuming at unit %d of %d (%s)", result.resumed_at + 1, len(units),
                         units[min(result.resumed_at, len(units) - 1)].name)
     set_mode(model, Mode.QUANTIZE)
-    _harden_outside(model, units)
+    harden_outside(model, units)
     if result.resumed_at >= len(units):
         assert_fully_quantized(model)
         return result

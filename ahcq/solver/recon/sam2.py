@@ -17,6 +17,7 @@ The unit is then trained by the generic loop (``train.reconstruct_unit``) and ha
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,15 +29,19 @@ from torch import nn
 
 from ahcq.progress import progress_bar
 from ahcq.quantization import api
+from ahcq.quantization.config import ReconUnits
 from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
 from ahcq.seeding import seed_everything
 from ahcq.solver.recon.capture import module_device, to_device
+from ahcq.solver.recon.engine import harden_outside
 from ahcq.solver.recon.settings import ReconSettings
 from ahcq.solver.recon.state import load_state, save_state
 from ahcq.solver.recon.train import UnitReport, reconstruct_unit
-from ahcq.solver.recon.units import Inputs, ReconUnit, adaround_quantizers
+from ahcq.solver.recon.units import Inputs, ReconUnit
 from ahcq.video.calibration import CalibrationClip, detached, track_clip
 from ahcq.video.propagation import DEFAULT_TRACKING, TrackOptions
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["VideoUnit", "reconstruct_video", "record_calls", "sam2_units", "unit_samples"]
 
@@ -80,38 +85,42 @@ def _layer_outputs(module: nn.Module) -> tuple[int, ...] | None:
     return (0, 1) if module.__class__.__name__ == "TwoWayAttentionBlock" else None
 
 
-def sam2_units(predictor: nn.Module, whole_layers: bool = False) -> list[VideoUnit]:
+def sam2_units(predictor: nn.Module, units: ReconUnits = ReconUnits.BLOCKS) -> list[VideoUnit]:
     """The reconstruction units of a quantized SAM2 predictor in the reference's order (those holding a
-    quantizer); ``whole_layers`` takes whole Hiera blocks, memory-attention and two-way layers."""
-    units: list[VideoUnit] = []
+    quantizer); ``ReconUnits.LAYERS`` takes whole Hiera blocks, memory-attention and two-way layers,
+    ``BLOCKS`` their sub-blocks (SAM2 has no stages)."""
+    if units is ReconUnits.STAGES:
+        raise ValueError("recon.units 'stages' is not defined for SAM2; use 'blocks' or 'layers'")
+    whole_layers = units is ReconUnits.LAYERS
+    out: list[VideoUnit] = []
     trunk = predictor.image_encoder.trunk
     for i, block in enumerate(trunk.blocks):
         name = f"image_encoder.trunk.blocks.{i}"
-        units += [_plain(name, block)] if whole_layers else _parts(name, block, ("attn", "mlp", "proj"))
+        out += [_plain(name, block)] if whole_layers else _parts(name, block, ("attn", "mlp", "proj"))
     neck = predictor.image_encoder.neck
     levels = len(neck.convs)
-    units.append(VideoUnit(ReconUnit("image_encoder.neck", _NeckLevels(neck), output=tuple(range(levels)),
+    out.append(VideoUnit(ReconUnit("image_encoder.neck", _NeckLevels(neck), output=tuple(range(levels)),
                                      feature_axis=1), neck))
     for i, layer in enumerate(predictor.memory_attention.layers):
         name = f"memory_attention.layers.{i}"
         parts = ("self_attn", "cross_attn_image", "linear1", "linear2")
-        units += [_plain(name, layer)] if whole_layers else _parts(name, layer, parts)
+        out += [_plain(name, layer)] if whole_layers else _parts(name, layer, parts)
     encoder = predictor.memory_encoder
-    units += _parts("memory_encoder", encoder, ("mask_downsampler", "pix_feat_proj"), feature_axis=1)
-    units += [_plain(f"memory_encoder.fuser.layers.{i}", block, 1)
+    out += _parts("memory_encoder", encoder, ("mask_downsampler", "pix_feat_proj"), feature_axis=1)
+    out += [_plain(f"memory_encoder.fuser.layers.{i}", block, 1)
               for i, block in enumerate(encoder.fuser.layers)]
-    units += _parts("memory_encoder", encoder, ("out_proj",), feature_axis=1)
+    out += _parts("memory_encoder", encoder, ("out_proj",), feature_axis=1)
     transformer = predictor.sam_mask_decoder.transformer
     for i, layer in enumerate(transformer.layers):
         name = f"sam_mask_decoder.transformer.layers.{i}"
         if whole_layers:
-            units.append(VideoUnit(ReconUnit(name, layer, output=_layer_outputs(layer)), layer))
+            out.append(VideoUnit(ReconUnit(name, layer, output=_layer_outputs(layer)), layer))
         else:
             parts = ("self_attn", "cross_attn_token_to_image", "mlp", "cross_attn_image_to_token")
-            units += _parts(name, layer, parts)
-    units.append(_plain("sam_mask_decoder.transformer.final_attn_token_to_image",
-                        transformer.final_attn_token_to_image))
-    return [u for u in units if _has_quantizers(u.unit.module)]
+            out += _parts(name, layer, parts)
+    out.append(_plain("sam_mask_decoder.transformer.final_attn_token_to_image",
+                      transformer.final_attn_token_to_image))
+    return [u for u in out if _has_quantizers(u.unit.module)]
 
 
 @contextmanager
@@ -195,23 +204,23 @@ def _release_inference_tensors(module: nn.Module) -> None:
 
 
 def reconstruct_video(predictor: nn.Module, settings: ReconSettings, clips: Sequence[CalibrationClip],
-                      options: TrackOptions = DEFAULT_TRACKING, *, whole_layers: bool = False,
+                      options: TrackOptions = DEFAULT_TRACKING, *, units: ReconUnits = ReconUnits.BLOCKS,
                       state_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Reconstruct the calibrated ``predictor`` unit by unit (see the module docstring); a JSON-able report
     with the unit reports and where the run resumed."""
     if not settings.act_quant:
         raise ValueError("recon.act_quant false is not defined for SAM2 reconstruction")
-    video_units = sam2_units(predictor, whole_layers)
+    video_units = sam2_units(predictor, units)
     names = [v.unit.label for v in video_units]
     seed_everything(settings.seed)
     resumed = 0
     if state_dir is not None:
         resumed = load_state(state_dir, predictor, names, settings) or 0
+        if resumed:
+            logger.info("reconstruction: resuming at unit %d of %d (%s)", resumed + 1, len(names),
+                        names[min(resumed, len(names) - 1)])
     api.set_mode(predictor, Mode.QUANTIZE)
-    inside = {id(q) for v in video_units for q in adaround_quantizers(v.unit)}
-    for _, q in api.iter_quantizers(predictor):
-        if isinstance(q, AdaRoundQuantizer) and id(q) not in inside and not q.is_hard:
-            q.harden()  # never trained: round to nearest before it feeds the first unit
+    harden_outside(predictor, [v.unit for v in video_units])
     reports: list[UnitReport] = []
     for k in progress_bar(range(resumed, len(video_units)), desc="reconstruction", disable=not progress,
                   initial=resumed, total=len(video_units)):
@@ -224,5 +233,5 @@ def reconstruct_video(predictor: nn.Module, settings: ReconSettings, clips: Sequ
         if state_dir is not None:
             save_state(state_dir, predictor, k + 1, names, settings)
     api.assert_fully_quantized(predictor)
-    return {"granularity": "layers" if whole_layers else "blocks", "unit_names": names,
+    return {"granularity": units.value, "unit_names": names,
             "units": [r.record() for r in reports], "resumed_at": resumed}
