@@ -21,6 +21,7 @@ from ahcq.yaml_schema import SchemaError, bad_value, check_keys, read_yaml, requ
 from .dialects import ConfigWarning, apply_dialect
 from .mixed import Allocation, Budget, allocate, read_sensitivity
 from .quantizers.cag import GroupRange
+from .quantizers.lnq import DEFAULT_ALPHAS as LNQ_ALPHAS
 from .transforms.acnr import SpectrumTarget
 
 __all__ = [
@@ -95,7 +96,6 @@ DEFAULT_PCC_PERCENTILES = (
     0.85, 0.87, 0.88, 0.89, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.965, 0.97, 0.975, 0.98, 0.983,
     0.985, 0.987, 0.989, 0.99, 0.993, 0.995, 0.997, 0.999, 0.9993, 0.9995, 0.9997, 0.9999, 0.99999,
 )
-DEFAULT_LNQ_ALPHAS = (0.001, 0.1, 1.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
 _INCLUDE_KEYS = ("base", "root")
 
 
@@ -429,7 +429,7 @@ class LNQConfig:
     references', 2 the squared error (``exp/ours/``)."""
 
     enabled: bool = _opt(False, _boolean)
-    alphas: tuple[float, ...] = _opt(DEFAULT_LNQ_ALPHAS, _seq(_real(0.0, lo_open=True), "positive numbers"))
+    alphas: tuple[float, ...] = _opt(LNQ_ALPHAS, _seq(_real(0.0, lo_open=True), "positive numbers"))
     error_p: float = _opt(2.4, _real(1.0, 4.0))
 
 

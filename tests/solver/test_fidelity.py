@@ -14,7 +14,7 @@ from ahcq.models.sam2 import quantize_sam2
 from ahcq.models.sam_attention import QuantDecoderAttention, QuantEncoderAttention
 from ahcq.models.sam_quantize import quantize_sam
 from ahcq.quantization import api
-from ahcq.quantization.config import load_qconfig, parse_qconfig
+from ahcq.quantization.config import ReconUnits, load_qconfig, parse_qconfig
 from ahcq.quantization.quantizers import LSQQuantizer, Mode, Role
 from ahcq.solver.calibration import calibrate
 from ahcq.solver.recon import ReconSettings, unit_loss
@@ -161,3 +161,13 @@ def test_sam2_units_take_their_inputs_from_the_quantized_chain(tmp_path) -> None
     with torch.no_grad(), api.quantization_disabled(predictor):  # the targets are the float module's outputs
         torch.testing.assert_close(memory.unit.module(*f_args[0], **f_args[1]), targets[0][0])
     assert all(q.mode is Mode.QUANTIZE for _, q in api.iter_quantizers(predictor))
+    # whole layers: every Hiera block, memory-attention and two-way layer is one unit, the two-way layer
+    # compared on both of its streams; SAM2 has no stages
+    whole = {v.unit.name: v.unit for v in sam2_units(predictor, ReconUnits.LAYERS)}
+    layers = [n for n in whole if n.startswith(("image_encoder.trunk.blocks.", "memory_attention.layers.",
+                                                "sam_mask_decoder.transformer.layers."))]
+    assert layers and all(n.rsplit(".", 1)[-1].isdigit() for n in layers)
+    assert whole["sam_mask_decoder.transformer.layers.0"].output == (0, 1)
+    assert set(units) - set(whole) >= {"sam_mask_decoder.transformer.layers.0.mlp", memory.unit.name}
+    with pytest.raises(ValueError, match="stages"):
+        sam2_units(predictor, ReconUnits.STAGES)

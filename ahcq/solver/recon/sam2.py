@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sam2.modeling.sam.transformer import TwoWayAttentionBlock
 from torch import nn
 
 from ahcq.progress import progress_bar
@@ -34,6 +35,7 @@ from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
 from ahcq.seeding import seed_everything
 from ahcq.solver.recon.capture import module_device, to_device
 from ahcq.solver.recon.engine import harden_outside
+from ahcq.solver.recon.sam_units import Part
 from ahcq.solver.recon.settings import ReconSettings
 from ahcq.solver.recon.state import load_state, save_state
 from ahcq.solver.recon.train import UnitReport, reconstruct_unit
@@ -82,7 +84,7 @@ def _parts(prefix: str, parent: nn.Module, parts: Sequence[str], feature_axis: i
 
 
 def _layer_outputs(module: nn.Module) -> tuple[int, ...] | None:
-    return (0, 1) if module.__class__.__name__ == "TwoWayAttentionBlock" else None
+    return (0, 1) if isinstance(module, TwoWayAttentionBlock) else None
 
 
 def sam2_units(predictor: nn.Module, units: ReconUnits = ReconUnits.BLOCKS) -> list[VideoUnit]:
@@ -116,8 +118,7 @@ def sam2_units(predictor: nn.Module, units: ReconUnits = ReconUnits.BLOCKS) -> l
         if whole_layers:
             out.append(VideoUnit(ReconUnit(name, layer, output=_layer_outputs(layer)), layer))
         else:
-            parts = ("self_attn", "cross_attn_token_to_image", "mlp", "cross_attn_image_to_token")
-            out += _parts(name, layer, parts)
+            out += _parts(name, layer, [part.attr for part in Part])
     out.append(_plain("sam_mask_decoder.transformer.final_attn_token_to_image",
                       transformer.final_attn_token_to_image))
     return [u for u in out if _has_quantizers(u.unit.module)]
