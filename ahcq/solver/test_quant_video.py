@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from ahcq.video import VOSReport, evaluate, read_dataset
 from ahcq.video.calibration import CalibrationClip, select_clips, track_clip
 from ahcq.video.fixtures import make_moving_shapes_clip
 from ahcq.video.propagation import TrackedPredictions, TrackOptions
-from ahcq.yaml_schema import SchemaError, check_keys, read_yaml, require_mapping
+from ahcq.yaml_schema import SchemaError, bad_value, check_keys, read_yaml, require_mapping
 
 logger = logging.getLogger("ahcq.solver.test_quant_video")
 REPO = Path(__file__).resolve().parents[2]
@@ -153,7 +153,30 @@ def _resolve(opts: VideoRunOptions) -> dict[str, Any]:
                         f"got {cfg['dataset']['layout']!r}")
     for key in ("root", "layout", "split"):
         cfg["calibration"].setdefault(key, cfg["dataset"].get(key))
+    _check_values(cfg, source)
     return cfg
+
+
+_VALUES: tuple[tuple[str, str, Callable[[Any], bool], str], ...] = (
+    ("tracking", "threshold", lambda v: _number(v) and 0.0 < v < 1.0, "a probability in (0, 1)"),
+    ("tracking", "offload_video", lambda v: isinstance(v, bool), "true or false"),
+    ("tracking", "offload_state", lambda v: isinstance(v, bool), "true or false"),
+    ("calibration", "videos", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+     "a positive integer"),
+    ("calibration", "frames", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+     "a positive integer"),
+)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(cfg: dict[str, Any], source: str) -> None:
+    """The typed values of the run config, checked where they are read (a string is no boolean)."""
+    for section, key, ok, expected in _VALUES:
+        if key in cfg[section] and not ok(cfg[section][key]):
+            raise UserError(str(bad_value(source, f"{section}.{key}", cfg[section][key], expected)))
 
 
 def _load_qconfig(opts: VideoRunOptions) -> QConfig | None:
@@ -270,9 +293,9 @@ def _clips(cfg: dict[str, Any], opts: VideoRunOptions, qconfig: QConfig, pool: l
     framed = qconfig.calibrate_frames is not None
     default_n = qconfig.calibrate if framed else min(8, len(pool))
     try:
-        n = opts.calib_videos or int(cfg["calibration"].get("videos", default_n))
+        n = opts.calib_videos or cfg["calibration"].get("videos", default_n)
         default_k = qconfig.calibrate_frames if framed else max(1, qconfig.calibrate // max(n, 1))
-        k = opts.calib_frames or int(cfg["calibration"].get("frames", default_k))
+        k = opts.calib_frames or cfg["calibration"].get("frames", default_k)
         return select_clips(pool, n, k, seed)
     except ValueError as err:
         raise UserError(f"calibration: {err}") from None
@@ -333,12 +356,9 @@ def _run(opts: VideoRunOptions) -> dict[str, Any]:
     samples, calib_pool = _datasets(cfg, opts, qconfig is not None)
     clips = _clips(cfg, opts, qconfig, calib_pool, seed) if qconfig is not None else []
     tracking = cfg["tracking"]
-    try:
-        options = TrackOptions(threshold=float(tracking.get("threshold", 0.5)),
-                               offload_video=bool(tracking.get("offload_video", True)),
-                               offload_state=bool(tracking.get("offload_state", True)))
-    except ValueError as err:
-        raise UserError(f"tracking: {err}") from None
+    options = TrackOptions(threshold=float(tracking.get("threshold", 0.5)),
+                           offload_video=tracking.get("offload_video", True),
+                           offload_state=tracking.get("offload_state", True))
     timer: dict[str, float] = {}
     start = time.perf_counter()
     predictor, overrides = _build(cfg, seed, device)

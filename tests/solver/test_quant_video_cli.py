@@ -151,6 +151,11 @@ def test_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path, capsys) -> N
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**config, "dataset": {**config["dataset"], "rooot": "x"}}))
     _fails(["--config", str(bad), "--fp-only"], capsys, "dataset.rooot: unknown key 'rooot'", out)
+    for section, key, value in (("tracking", "offload_video", "no"), ("tracking", "threshold", 1.5),
+                                ("calibration", "videos", "2")):
+        bad.write_text(yaml.safe_dump({**config, section: {**config.get(section, {}), key: value}}))
+        _fails(["--config", str(bad), "--q_config", str(setup["qconfig"])], capsys,
+               f"{section}.{key}: {value!r} is not allowed", out)
     _fails(["--config", str(setup["config"]), "--fp-only", "--data-root", str(tmp_path / "nowhere")], capsys,
            "nowhere", out)
     pcc = tmp_path / "pcc.yaml"
