@@ -18,7 +18,7 @@ def write_sensitivity(model: nn.Module, path: Path, bits: tuple[int, ...] = (4, 
         by_bits = {str(b): {"alone_error": (1 + (7 * i) % 11) * 2.0**-b, "alone_ap_drop": 0.0,
                             "removed_error": 1.0 - 0.01 * ((3 * i) % 13), "removed_ap_gain": 0.0}
                    for b in bits}
-        sites.append({"site": site.name, "kind": site.kind, "macs": 1000.0 * (1 + i % 5),
+        sites.append({"site": site.name, "kind": site.kind.value, "macs": 1000.0 * (1 + i % 5),
                       "quantizers": len(site.quantizers), "by_bits": by_bits})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"format": 1, "primary_bits": bits[0], "float": {}, "quantized": {},

@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ahcq.quantization.config import ConfigError
-from ahcq.tables.grid import Cell, Spec, SpecError, load_spec, plan_tables
+from ahcq.tables.grid import Cell, Spec, SpecError, TableKind, load_spec, plan_tables
 from ahcq.tables.render import cell_value, render_plan, render_registers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def _render(spec: Spec, only: list[str] | None, root: Path, failed: dict[str, st
     values = {key: v for key, cell in cells.items() if (v := cell_value(cell, root, spec.metric)) is not None}
     out = {p.name: render_plan(p, values, set(failed)) for p in plans}
     for t in spec.tables:
-        if t.kind == "registers" and (not only or t.name in only):
+        if t.kind is TableKind.REGISTERS and (not only or t.name in only):
             out[t.name] = render_registers(t, bool(spec.run.get("quant_encoder")))
     return {t.name: out[t.name] for t in spec.tables if t.name in out}
 

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from ahcq.analysis import load_sam_checkpoint, load_samples, run_cli, sam_forward
 from ahcq.analysis.figures import save_png
-from ahcq.analysis.sensitivity import Evaluator, measure_sites, model_macs, quantizer_sites
+from ahcq.analysis.sensitivity import Evaluator, SiteGranularity, measure_sites, model_macs, quantizer_sites
 from ahcq.data.coco_io import atomic_write_bytes
 from ahcq.models.sam_quantize import quantize_sam
 from ahcq.models.sam_roles import big_sites
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=8, help="training images for calibration")
     p.add_argument("--images", type=int, default=8, help="validation images measured")
     p.add_argument("--max-boxes", type=int, default=8, help="ground-truth box prompts per image")
-    p.add_argument("--granularity", choices=["layer", "quantizer"], default="layer",
+    p.add_argument("--granularity", type=SiteGranularity, choices=list(SiteGranularity),
+                   default=SiteGranularity.LAYER, metavar="{layer,quantizer}",
                    help="a site: every quantizer of one module, or one quantizer")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the q_config's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -164,7 +165,7 @@ def main(args: argparse.Namespace) -> None:
     evaluation = load_samples(args.data, "val", args.images, qconfig.seed)
     identity = {"qconfig": digest(dataclasses.asdict(qconfig)), "weights": weights_digest(float_sam),
                 "data": str(args.data.resolve()), "calib_images": args.calib_images, "images": args.images,
-                "max_boxes": args.max_boxes, "granularity": args.granularity, "code": code_version()}
+                "max_boxes": args.max_boxes, "granularity": args.granularity.value, "code": code_version()}
     args.out.mkdir(parents=True, exist_ok=True)
     widths = {b: measure_width(args, qconfig, float_sam, b, calib, evaluation, identity) for b in bits}
     result = merge(widths, bits[0])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import enum
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,9 +37,11 @@ from ahcq.models.sam_runner import decode_boxes, encode, prepare_image
 from ahcq.progress import progress_bar
 from ahcq.quantization.api import iter_quantizers, quantization_disabled
 from ahcq.quantization.layers import QuantLayer
+from ahcq.quantization.mixed import SiteKind
 from ahcq.quantization.quantizers import Mode, Quantizer
 
-__all__ = ["Evaluation", "Evaluator", "Site", "measure_sites", "model_macs", "quantizer_sites"]
+__all__ = ["Evaluation", "Evaluator", "Site", "SiteGranularity", "measure_sites", "model_macs",
+           "quantizer_sites"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class Site:
     name: str
     quantizers: list[Quantizer]
     layer: QuantLayer | None
-    kind: str
+    kind: SiteKind
     macs: float = 0.0
     bits: list[int] = field(default_factory=list)
 
@@ -64,18 +67,24 @@ class Evaluation:
     mask_ap: float
 
 
-def quantizer_sites(model: nn.Module, granularity: str = "layer") -> list[Site]:
+class SiteGranularity(str, enum.Enum):
+    """What one site is: every quantizer of one module, or one quantizer."""
+
+    LAYER = "layer"
+    QUANTIZER = "quantizer"
+
+
+def quantizer_sites(model: nn.Module, granularity: SiteGranularity = SiteGranularity.LAYER) -> list[Site]:
     """The sites of ``model`` in module order: one per owning module, or one per quantizer."""
-    if granularity not in ("layer", "quantizer"):
-        raise ValueError(f"granularity must be 'layer' or 'quantizer', got {granularity!r}")
     modules = dict(model.named_modules())
     sites: dict[str, Site] = {}
     for name, q in iter_quantizers(model):
         owner_name = name.rpartition(".")[0]
         owner = modules[owner_name]
         layer = owner if isinstance(owner, QuantLayer) else None
-        key = owner_name if granularity == "layer" else name
-        site = sites.setdefault(key, Site(key, [], layer, "layer" if layer is not None else "attention"))
+        key = owner_name if granularity is SiteGranularity.LAYER else name
+        kind = SiteKind.LAYER if layer is not None else SiteKind.ATTENTION
+        site = sites.setdefault(key, Site(key, [], layer, kind))
         site.quantizers.append(q)
         site.bits = sorted({*site.bits, q.bits})
     return list(sites.values())
@@ -193,7 +202,7 @@ def _state(sites: Sequence[Site], quantized: Callable[[Site], bool]) -> Iterator
             on = quantized(site)
             for q in site.quantizers:
                 q.mode = Mode.QUANTIZE if on else Mode.OFF
-            if not on and site.layer is not None and site.kind == "layer":
+            if not on and site.layer is not None and site.kind is SiteKind.LAYER:
                 stack.enter_context(site.layer.float_reference())
         try:
             yield
@@ -212,8 +221,8 @@ def measure_sites(sites: Sequence[Site], evaluate: Evaluator, what: Sequence[str
         full = evaluate()
     rows = []
     for site in progress_bar(sites, desc="sites", unit="site"):
-        row: dict[str, Any] = {"site": site.name, "kind": site.kind, "bits": site.bits, "macs": site.macs,
-                               "quantizers": len(site.quantizers)}
+        row: dict[str, Any] = {"site": site.name, "kind": site.kind.value, "bits": site.bits,
+                               "macs": site.macs, "quantizers": len(site.quantizers)}
         if "alone" in what:
             with _state(sites, lambda s, site=site: s is site):
                 alone = evaluate()

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-__all__ = ["Allocation", "Budget", "SiteSensitivity", "allocate", "read_sensitivity", "site_patterns"]
+__all__ = ["Allocation", "Budget", "SiteKind", "SiteSensitivity", "allocate", "read_sensitivity",
+           "site_patterns"]
 
 FLOAT_BITS = 32  # a float site's operands, in the reported averages
 
@@ -41,13 +42,20 @@ class Budget(str, enum.Enum):
     BOPS = "bops"
 
 
+class SiteKind(str, enum.Enum):
+    """What a site is: a quantized layer (its input and weight), or an attention twin's q/k/v/prob slots."""
+
+    LAYER = "layer"
+    ATTENTION = "attention"
+
+
 @dataclass(frozen=True)
 class SiteSensitivity:
-    """One site of a sensitivity file: name, kind (``layer`` | ``attention``), MACs per image, and per width
-    its own error and the quantized model's error without it."""
+    """One site of a sensitivity file: name, kind, MACs per image, and per width its own error and the
+    quantized model's error without it."""
 
     site: str
-    kind: str
+    kind: SiteKind
     macs: float
     alone_error: dict[int, float]
     removed_error: dict[int, float]
@@ -58,7 +66,7 @@ class Allocation:
     """Per site ``(site, kind, bits or None for float)``, with the average bits and the BOPs-equivalent
     bits it spends (float sites at ``FLOAT_BITS``) and the summed own error of the quantized sites."""
 
-    sites: tuple[tuple[str, str, int | None], ...]
+    sites: tuple[tuple[str, SiteKind, int | None], ...]
     average_bits: float
     bops_bits: float
     error: float
@@ -76,7 +84,7 @@ def read_sensitivity(path: str | Path) -> list[SiteSensitivity]:
         raise ValueError(f"{path}: no such sensitivity file (write one with tools/sensitivity.py)")
     try:
         data = json.loads(path.read_text())
-        return [SiteSensitivity(s["site"], s["kind"], float(s["macs"]),
+        return [SiteSensitivity(s["site"], SiteKind(s["kind"]), float(s["macs"]),
                                 {int(b): float(m["alone_error"]) for b, m in s["by_bits"].items()},
                                 {int(b): float(m["removed_error"]) for b, m in s["by_bits"].items()})
                 for s in data["sites"]]
@@ -135,9 +143,9 @@ def allocate(sites: Sequence[SiteSensitivity], base_bits: int, float_sites: int 
     return Allocation(tuple((s.site, s.kind, chosen[s.site]) for s in sites), average, bops, error)
 
 
-def site_patterns(site: str, kind: str) -> str:
+def site_patterns(site: str, kind: SiteKind) -> str:
     """The override pattern that reaches exactly one site: a layer's module name, or an attention's
     q/k/v/prob slot quantizers (not its projection layers)."""
-    if kind == "attention":
+    if kind is SiteKind.ATTENTION:
         return f"re:{re.escape(site)}\\.(q|k|v|prob)_quantizer"
     return f"re:{re.escape(site)}"

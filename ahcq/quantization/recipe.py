@@ -21,7 +21,7 @@ from torch import nn
 from . import api
 from .config import ConfigError, QConfig, QSpecConfig
 from .granularity import ChannelGroups, PerTensor, from_ch_axis
-from .mixed import site_patterns
+from .mixed import SiteKind, site_patterns
 from .quantizers.agq import AGQOptions
 from .quantizers.cag import CAGOptions, GroupRange
 from .quantizers.hluq import HLUQOptions
@@ -132,7 +132,7 @@ def user_overrides(qconfig: QConfig) -> UserOverrides:
     allocation = qconfig.mixed.allocation
     for site, kind, bits in allocation.sites if allocation is not None else ():
         width = partial_fields(qconfig, {"bit": bits}) if bits is not None else None
-        slots = {"act": width} if kind == "attention" else {"act": width, "weight": width}
+        slots = {"act": width} if kind is SiteKind.ATTENTION else {"act": width, "weight": width}
         out.append((site_patterns(site, kind), None if bits is None else slots))
     for o in qconfig.overrides:
         partial = {slot: partial_fields(qconfig, dict(items))

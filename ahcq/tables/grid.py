@@ -10,6 +10,7 @@ by the project's own config loader, so an overlay means exactly what it would me
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import tempfile
@@ -22,11 +23,23 @@ import yaml
 from ahcq.quantization.config import ConfigError, load_qconfig
 from ahcq.yaml_schema import SchemaError, bad_value, check_keys, read_yaml, require_mapping
 
-__all__ = ["Cell", "ModelSpec", "Plan", "Ref", "Spec", "SpecError", "TableSpec", "load_spec", "plan_tables"]
+__all__ = ["Cell", "ModelSpec", "Plan", "Ref", "Spec", "SpecError", "TableKind", "TableSpec", "load_spec",
+           "plan_tables"]
 
 REPO = Path(__file__).resolve().parents[2]
 FP_PRESET = ("minmax", 4)
-KINDS = ("methods", "variants", "grid", "registers")
+
+
+class TableKind(str, enum.Enum):
+    """What a table of a spec is: methods x (model, bits); variants of one method; a grid over two config
+    keys; or register counts (no runs)."""
+
+    METHODS = "methods"
+    VARIANTS = "variants"
+    GRID = "grid"
+    REGISTERS = "registers"
+
+
 RUN_KEYS = {"quant_encoder": bool, "seed": int, "seeds": list, "limit": int, "calib_images": int,
             "calib_max_boxes": int}
 
@@ -60,7 +73,7 @@ class TableSpec:
     """One table of the spec; which fields matter depends on ``kind``."""
 
     name: str
-    kind: str
+    kind: TableKind
     caption: str
     models: list[str]
     bits: list[int]
@@ -260,7 +273,7 @@ def _at(dotted: str, value: Any, as_list: bool) -> dict[str, Any]:
     return out
 
 
-_BUILDERS = {"methods": _methods, "variants": _variants, "grid": _grid}
+_BUILDERS = {TableKind.METHODS: _methods, TableKind.VARIANTS: _variants, TableKind.GRID: _grid}
 
 
 def plan_tables(spec: Spec, only: list[str] | None = None) -> tuple[list[Plan], dict[str, Cell]]:
@@ -377,25 +390,26 @@ _TABLE_KEYS = ("name", "kind", "caption", "models", "bits", "method", "methods",
 def _table(r: _Reader, data: Any, i: int, models: dict[str, ModelSpec]) -> TableSpec:
     data = r.mapping(data, f"tables.{i}", _TABLE_KEYS)
     where = f"tables.{i}"
-    if data.get("kind") not in KINDS:
-        raise r.fail(f"{where}.kind", f"one of {', '.join(KINDS)}", data.get("kind"))
-    kind = data["kind"]
+    kinds = [k.value for k in TableKind]
+    if data.get("kind") not in kinds:
+        raise r.fail(f"{where}.kind", f"one of {', '.join(kinds)}", data.get("kind"))
+    kind = TableKind(data["kind"])
     t = TableSpec(name=str(data.get("name", f"table{i}")), kind=kind, caption=str(data.get("caption", "")),
                   models=r.items(data.get("models", list(models)), f"{where}.models", str),
                   bits=r.items(data.get("bits", [4]), f"{where}.bits", int), fp_row=bool(data.get("fp_row")),
                   raw=data)
     for m in t.models:
-        if m not in models and kind != "registers":
+        if m not in models and kind is not TableKind.REGISTERS:
             raise r.fail(f"{where}.models", f"names among {', '.join(models)}", m)
-    if kind == "methods":
+    if kind is TableKind.METHODS:
         t.methods = r.items(data.get("methods"), f"{where}.methods", str)
-    elif kind in ("variants", "grid"):
+    elif kind in (TableKind.VARIANTS, TableKind.GRID):
         if not isinstance(data.get("method"), str):
             raise r.fail(f"{where}.method", "the base method preset name", data.get("method"))
         t.method = data["method"]
-    if kind == "variants":
+    if kind is TableKind.VARIANTS:
         _variant_rows(r, data, t, where)
-    if kind == "grid":
+    if kind is TableKind.GRID:
         if len(t.models) != 1 or len(t.bits) != 1:
             raise r.fail(f"{where}", "a grid over one model and one bit width (models: [m], bits: [b])",
                          {"models": t.models, "bits": t.bits})

@@ -20,7 +20,7 @@ from ahcq.quantization import api
 from ahcq.quantization.config import ConfigError, load_qconfig, parse_qconfig
 from ahcq.quantization.export import export_linear
 from ahcq.quantization.layers import QuantLinear
-from ahcq.quantization.mixed import Budget, SiteSensitivity, allocate
+from ahcq.quantization.mixed import Budget, SiteKind, SiteSensitivity, allocate
 from ahcq.quantization.quantizers import AdaRoundQuantizer
 
 W4A4 = {"a_qconfig": {"bit": 4}, "w_qconfig": {"bit": 4}}
@@ -30,7 +30,7 @@ def _sites(rng: np.random.Generator, n: int = 6, bits: tuple[int, ...] = (4, 6, 
     out = []
     for i in range(n):
         scale = float(rng.uniform(0.1, 10))
-        out.append(SiteSensitivity(f"s{i}", "layer", float(rng.integers(1, 20) * 100),
+        out.append(SiteSensitivity(f"s{i}", SiteKind.LAYER, float(rng.integers(1, 20) * 100),
                                    {b: scale * 2.0 ** -b * float(rng.uniform(0.5, 1.5)) for b in bits},
                                    {b: float(rng.uniform(0, 1)) for b in bits}))
     return out
@@ -101,7 +101,7 @@ def test_the_allocation_reaches_every_site_and_the_integer_export(sensitivity, t
     for name, kind, width in allocation.sites:
         if width is None:
             assert name not in sites
-            assert type(modules[name]) is nn.Linear or kind == "attention"
+            assert type(modules[name]) is nn.Linear or kind is SiteKind.ATTENTION
             continue
         assert sites[name].bits == [width], name
     name = next(n for n, k, w in allocation.sites if k == "layer" and w == 8)
