@@ -1,12 +1,13 @@
 """The CPU execution engine of the quantization math: the one seam between the formulas and how they run.
 
-The family modules (``uniform``, ``log``, ``hluq``) state the formulas: encoders, decoders, and autograd
-Functions whose derivatives are closures over a slice; they call this module as ``engine.<name>``. It only
-executes them: the finite-input check (``checking_finite``), cache-sized slicing (``sliced``,
-``fill_slices``, ``sliced_backward``), QDrop's keep mask inside a slice, the decode tables and lookups of
-the table-decoded families, and every dispatch to the fused native kernels (``ahcq.quantization.native``,
-imported nowhere else) with the cache of their code thresholds. Replacing this engine, or dropping its
-fused paths (``native_usable`` false), must not touch the math.
+The family modules (``uniform``, ``log``, ``hluq``) state the formulas: encoders, decoders, a forward
+``fill`` over a slice and the derivatives of a slice, plus which fused kernel computes the same thing; they
+call this module as ``engine.<name>``. It alone decides how those run: ``elementwise`` / ``values`` /
+``backward`` pick the fused native kernels (``ahcq.quantization.native``, imported nowhere else) where they
+take the tensor, else cache-sized slices (``sliced``, ``fill_slices``, ``sliced_backward``) or one pass;
+it also holds the finite-input check (``checking_finite``), QDrop's keep mask inside a slice, the decode
+tables and lookups of the table-decoded families and the cache of code thresholds. Replacing this engine,
+or dropping its fused paths (``native.usable`` false), must not touch the math.
 """
 from __future__ import annotations
 
@@ -66,6 +67,23 @@ def checking_finite() -> Iterator[_FiniteCheck]:
 
 # ---------------------------------------------------------------------------------------------------------
 # slicing: cache-sized pieces of a fake-quant, its forward and backward
+
+
+def values(fill: Callable[[Tensor, Tensor], object], x: Tensor, fused: Callable[[], Tensor] | None = None,
+           sliceable: bool = True) -> Tensor:
+    """A fake-quant without autograd: ``fused()`` where the kernels take ``x`` (after the whole-tensor
+    finite check they need); else ``fill(x_part, out_part)`` over ``sliced`` pieces on CPU (``sliceable``:
+    the parameters do not depend on the position), or once into a contiguous output (other devices, per
+    channel parameters)."""
+    if fused is not None and native.usable(x):
+        native_finite_check(x)
+        return fused()
+    if sliceable and x.device.type == "cpu":
+        return sliced(fill, x)
+    native_finite_check(x)  # the same whole-tensor check: NaN codes would index outside a decode table
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    fill(x, out)
+    return out
 
 
 def sliced(fill: Callable[[Tensor, Tensor], object], x: Tensor) -> Tensor:
@@ -193,6 +211,33 @@ def sliced_backward(
     return grad_x, [None if t is None else t.float() for t in sums]
 
 
+Fused = Callable[[], tuple[Tensor | None, list[float]]]
+"""A family's fused backward kernel: ``(gradient for x or None, [float64 sum per parameter])``."""
+
+
+def elementwise(fill: Callable[..., object], x: Tensor, keep: Tensor | None, row: int,
+                fused: Callable[[], Tensor] | None = None) -> Tensor:
+    """A fake-quant's forward: ``fused()`` (the family's fused kernel) where the kernels take ``x`` in a
+    sliced layout (``row`` > 0, see ``slice_row``), else ``fill(x_part, keep_part, out_part)`` over
+    ``fill_slices``."""
+    if fused is not None and row and native.usable(x):
+        return fused()
+    out = torch.empty_like(x)
+    fill_slices(fill, [x, keep, out], row)
+    return out
+
+
+def backward(derivatives: Callable[..., Derivatives], grad: Tensor, saved: Sequence[Tensor | None], row: int,
+             axis: int | None, need_x: bool, need_params: Sequence[bool], fused: Fused | None = None,
+             ) -> tuple[Tensor | None, list[Tensor | None]]:
+    """A fake-quant's backward: ``fused()`` where the kernels take the per-tensor layout (``row == 1``),
+    its float64 sums returned as the float32 tensors the torch-op path gives; else ``sliced_backward``."""
+    if fused is not None and row == 1 and native.usable(saved[0]):
+        grad_x, sums = fused()
+        return grad_x, [float32_sum(s) if need else None for s, need in zip(sums, need_params)]
+    return sliced_backward(derivatives, grad, saved, row, axis, need_x, need_params)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # QDrop's keep mask inside a slice
 
@@ -258,21 +303,11 @@ def lookup(levels: Tensor, codes: Tensor, into: Tensor | None = None) -> Tensor:
 
 
 def fake_quant_values(encode: Encoder, levels: Tensor, x: Tensor, key: TableKey) -> Tensor:
-    """A table-decoded fake-quant without autograd: the fused kernel through ``encode``'s thresholds; or
-    ``encode`` into the output buffer, then the lookup into the same storage, on CPU slice by slice
-    (``sliced``)."""
+    """A table-decoded fake-quant without autograd (``values``): the fused kernel through ``encode``'s
+    thresholds, or ``encode`` into the output buffer and the lookup into the same storage."""
     thresholds = native_thresholds(x, key, encode, levels)
-    if thresholds is not None:
-        native_finite_check(x)
-        return native.table(x, thresholds, levels)
-    if x.device.type != "cpu":
-        check = _FINITE_CHECK.get()
-        if check is not None:  # NaN codes would index outside the table
-            check.verify(x)
-            check.done = True
-        code = encode(x, codes_buffer(x))
-        return lookup(levels, code, into=code)
-    return sliced(lambda part, out: lookup(levels, encode(part, out), into=out), x)
+    fused = None if thresholds is None else lambda: native.table(x, thresholds, levels)
+    return values(lambda part, out: lookup(levels, encode(part, out), into=out), x, fused)
 
 
 def table_fake_quant(x: Tensor, keep: Tensor | None, levels: Tensor, encode: Encoder,
@@ -285,23 +320,16 @@ def table_fake_quant(x: Tensor, keep: Tensor | None, levels: Tensor, encode: Enc
     thresholds = native_thresholds(x, key, encode, levels)
     if thresholds is not None:
         return x, native.table(x, thresholds, levels, keep), row
-    out = torch.empty_like(x)
 
     def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
         lookup(levels, encode(x_p, out_p), into=out_p)
         keep_values(keep_p, x_p, out_p)
 
-    fill_slices(fill, [x, keep, out], row)
-    return x, out, row
+    return x, elementwise(fill, x, keep, row), row
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the fused native kernels (ahcq.quantization.native)
-
-
-def native_usable(x: Tensor) -> bool:
-    """Whether the fused kernels take ``x``; where not, the callers run the torch ops."""
-    return native.usable(x)
 
 
 def native_finite_check(x: Tensor) -> None:

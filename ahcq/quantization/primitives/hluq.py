@@ -80,12 +80,11 @@ class _FakeQuantHLUQ(torch.autograd.Function):
         need = ctx.needs_input_grad
         x_min_f, s1_f, s2_f, steps = _item(x_min), _item(s1), _item(s2), ctx.steps
         log2_s1, switch = _item(torch.log2(s1)), _item(s1 + s2 / 2)
-        if ctx.row == 1 and engine.native_usable(x):
+
+        def fused() -> tuple[Tensor | None, list[float]]:
             grad_x, ds1, ds2, dx_min = engine.native_hluq_backward(x, out, keep, grad, x_min_f, s1_f, s2_f,
                                                                    switch, steps, log2_s1, need[0])
-            grad_x_min = engine.float32_sum(dx_min).reshape(x_min.shape) if need[1] else None
-            return (grad_x, grad_x_min, engine.float32_sum(ds1) if need[2] else None,
-                    engine.float32_sum(ds2) if need[3] else None, None, None, None)
+            return grad_x, [ds1, ds2, dx_min]
 
         def derivatives(x_p: Tensor, out_p: Tensor, keep_p: Tensor | None) -> engine.Derivatives:
             u = torch.sub(x_p, x_min_f)
@@ -108,17 +107,14 @@ class _FakeQuantHLUQ(torch.autograd.Function):
                 ds1 = torch.add(clipped, log_clipped).addcmul_(log_clipped, uniform, value=-1.0)
             if need[3]:  # round(v) - v on the grid, j clipped, 0 in the log region
                 ds2 = torch.mul(clipped, step, out=step).addcmul_(uniform_in, rounded.sub_(v))
-            return engine.keep_derivatives(keep_p, slope, [ds1, ds2])
+            slope, (ds1, ds2) = engine.keep_derivatives(keep_p, slope, [ds1, ds2])
+            return slope, [ds1, ds2, torch.sub(1.0, slope) if need[1] else None]
 
-        grad_x, (grad_s1, grad_s2) = engine.sliced_backward(derivatives, grad, [x, out, keep], ctx.row,
-                                                            None, need[0] or need[1], need[2:4])
-        grad_x_min = _sum_like(grad - grad_x, x_min) if need[1] else None
-        return grad_x if need[0] else None, grad_x_min, grad_s1, grad_s2, None, None, None
-
-
-def _sum_like(t: Tensor, param: Tensor) -> Tensor:
-    """Reduce a per-element gradient to the shape of the (broadcast) parameter it belongs to."""
-    return t.sum_to_size(param.shape) if param.dim() else t.sum()
+        grad_x, (grad_s1, grad_s2, grad_x_min) = engine.backward(
+            derivatives, grad, [x, out, keep], ctx.row, None, need[0], [need[2], need[3], need[1]], fused)
+        if grad_x_min is not None:
+            grad_x_min = grad_x_min.reshape(x_min.shape)
+        return grad_x, grad_x_min, grad_s1, grad_s2, None, None, None
 
 
 def _hluq_params(x_min, s1, s2, n_log: int, bits: int, device: torch.device):

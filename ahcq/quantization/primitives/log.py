@@ -69,10 +69,11 @@ class _FakeQuantAGQ(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, out, keep = ctx.saved_tensors
         tau, log2_scale, need_s = ctx.tau, ctx.log2_scale, ctx.needs_input_grad[1]
-        if ctx.row == 1 and engine.native_usable(x):
+
+        def fused() -> tuple[Tensor | None, list[float]]:
             grad_x, ds = engine.native_agq_backward(x, out, keep, grad, log2_scale, tau,
                                                     ctx.needs_input_grad[0])
-            return grad_x, engine.float32_sum(ds) if need_s else None, None, None, None
+            return grad_x, [ds]
 
         def derivatives(x_p: Tensor, out_p: Tensor, keep_p: Tensor | None) -> engine.Derivatives:
             minus_k = torch.clamp(x_p, min=_LOG_FLOOR).log2_().sub_(log2_scale).mul_(tau).round_()
@@ -82,8 +83,8 @@ class _FakeQuantAGQ(torch.autograd.Function):
             clipped = torch.gt(minus_k, 0.0, out=minus_k) if need_s else None  # k < 0 implies x > 0
             return engine.keep_derivatives(keep_p, slope, [clipped])
 
-        grad_x, (grad_s,) = engine.sliced_backward(derivatives, grad, [x, out, keep], ctx.row, None,
-                                                   ctx.needs_input_grad[0], [need_s])
+        grad_x, (grad_s,) = engine.backward(derivatives, grad, [x, out, keep], ctx.row, None,
+                                            ctx.needs_input_grad[0], [need_s], fused)
         return grad_x, grad_s, None, None, None
 
 
@@ -190,8 +191,8 @@ class _FakeQuantLNQ(torch.autograd.Function):
                 dclip.mul_(growth.div_(growth_clip))
             return engine.keep_derivatives(keep_p, slope, [dclip])
 
-        grad_x, (grad_clip,) = engine.sliced_backward(derivatives, grad, [x, out, keep], ctx.row, None,
-                                                      ctx.needs_input_grad[0], [need_clip])
+        grad_x, (grad_clip,) = engine.backward(derivatives, grad, [x, out, keep], ctx.row, None,
+                                               ctx.needs_input_grad[0], [need_clip])
         return grad_x, grad_clip, None, None, None
 
 

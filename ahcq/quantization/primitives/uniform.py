@@ -37,39 +37,16 @@ def _grid(scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> _Grid:
 
 
 def _relative_codes(
-    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, need_mask: bool,
-    out: Tensor | None = None, grid: _Grid | None = None,
-) -> tuple[Tensor, Tensor | None]:
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, out: Tensor | None = None,
+    grid: _Grid | None = None,
+) -> Tensor:
     """Codes minus the zero point, ``clamp(round(x*(1/s)), qmin-z, qmax-z)`` (equal, in exact integer
     float arithmetic, to ``clamp(round(x*(1/s)) + z, qmin, qmax) - z``), with torch's float32 reciprocal and
-    half-to-even rounding; and, when ``need_mask``, whether each code was inside the grid before clamping.
-    ``scale`` and ``zero_point`` are already shaped to broadcast against ``x``; ``out`` receives the codes;
-    ``grid``: ``_grid``'s result when the caller has it already (slices of one tensor)."""
+    half-to-even rounding. ``scale`` and ``zero_point`` are already shaped to broadcast against ``x``;
+    ``out`` receives the codes; ``grid``: ``_grid``'s result when the caller has it already (slices of one
+    tensor)."""
     inv, lo, hi = grid if grid is not None else _grid(scale, zero_point, qmin, qmax)
-    unclamped = torch.mul(x, inv, out=out).round_()
-    if not need_mask:
-        return unclamped.clamp_(lo, hi), None
-    codes = torch.clamp(unclamped, lo, hi)
-    return codes, torch.eq(codes, unclamped)
-
-
-def _fake_quant_forward(
-    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None, need_mask: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Fake-quant values and the in-range mask (only when ``need_mask``). Torch's fused kernel on CUDA; on
-    CPU the same formula in a few vectorised in-place ops, several times faster than torch's CPU kernels
-    (per tensor and per channel)."""
-    if x.device.type == "cuda":
-        zp = zero_point.to(torch.int32)
-        if axis is None:
-            enabled = torch.ones(1, dtype=torch.long, device=x.device)
-            return torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-                x, scale.reshape(()), zp.reshape(()), enabled, qmin, qmax
-            )
-        return torch.ops.aten.fake_quantize_per_channel_affine_cachemask(x, scale, zp, axis, qmin, qmax)
-    scale_b, zp_b = _broadcast_qparams(x, scale, zero_point, axis)
-    codes, mask = _relative_codes(x, scale_b, zp_b, qmin, qmax, need_mask)
-    return _scale_codes_(codes, scale_b), mask
+    return torch.mul(x, inv, out=out).round_().clamp_(lo, hi)
 
 
 def _scale_codes_(codes: Tensor, scale: Tensor | float) -> Tensor:
@@ -88,25 +65,19 @@ class _FakeQuantUniform(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None,
                 keep: Tensor | None):
-        row = engine.slice_row(x, axis)
         x = x.contiguous()
-        if row and engine.native_usable(x):
+        row = engine.slice_row(x, axis)
+        if row:  # the parameters of one slice: a scalar, or one per element of a row
             scale_b, zp_b = (t.float().reshape(-1 if row > 1 else ()) for t in (scale, zero_point))
-            out = engine.native_uniform(x, *_grid(scale_b, zp_b, qmin, qmax), scale_b, keep)
-        elif row == 0:
-            scale_b, zp_b = _broadcast_qparams(x, scale, zero_point, axis)
-            out = _fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, need_mask=False)[0]
-            engine.keep_values(keep, x, out)
         else:
-            scale_b, zp_b = (t.float().reshape(-1 if row > 1 else ()) for t in (scale, zero_point))
-            grid = _grid(scale_b, zp_b, qmin, qmax)
-            out = torch.empty_like(x)
+            scale_b, zp_b = _broadcast_qparams(x, scale, zero_point, axis)
+        grid = _grid(scale_b, zp_b, qmin, qmax)
 
-            def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
-                _scale_codes_(_relative_codes(x_p, scale_b, zp_b, qmin, qmax, False, out_p, grid)[0], scale_b)
-                engine.keep_values(keep_p, x_p, out_p)
+        def fill(x_p: Tensor, keep_p: Tensor | None, out_p: Tensor) -> None:
+            _scale_codes_(_relative_codes(x_p, scale_b, zp_b, qmin, qmax, out_p, grid), scale_b)
+            engine.keep_values(keep_p, x_p, out_p)
 
-            engine.fill_slices(fill, [x, keep, out], row)
+        out = engine.elementwise(fill, x, keep, row, lambda: engine.native_uniform(x, *grid, scale_b, keep))
         ctx.grid, ctx.row, ctx.axis = (scale_b, zp_b, qmin, qmax), row, axis
         ctx.save_for_backward(x, out, keep, scale)
         return out
@@ -117,12 +88,10 @@ class _FakeQuantUniform(torch.autograd.Function):
         scale_b, zp_b, qmin, qmax = ctx.grid
         grid = _grid(scale_b, zp_b, qmin, qmax)
         need_x, need_s = ctx.needs_input_grad[:2]
-        if ctx.row == 1 and engine.native_usable(x):
+
+        def fused() -> tuple[Tensor | None, list[float]]:
             grad_x, ds = engine.native_uniform_backward(x, out, keep, grad, *grid, need_x)
-            grad_s = None
-            if need_s:
-                grad_s = (engine.float32_sum(ds) * (1.0 / scale.reshape(()))).reshape(scale.shape)
-            return grad_x, grad_s, None, None, None, None, None
+            return grad_x, [ds]
 
         def derivatives(x_p: Tensor, out_p: Tensor, keep_p: Tensor | None) -> engine.Derivatives:
             # in range (the clamp of _relative_codes leaves the rounded code as it is; a float 0/1 mask, five
@@ -135,13 +104,31 @@ class _FakeQuantUniform(torch.autograd.Function):
             dscale = torch.sub(out_p, torch.mul(x_p, inside)) if need_s else None
             return engine.keep_derivatives(keep_p, inside, [dscale])
 
-        grad_x, (sums,) = engine.sliced_backward(derivatives, grad, [x, out, keep], ctx.row, ctx.axis,
-                                                 need_x, [need_s])
+        grad_x, (sums,) = engine.backward(derivatives, grad, [x, out, keep], ctx.row, ctx.axis, need_x,
+                                          [need_s], fused)
         grad_scale_ = None
         if need_s:
             inverse = 1.0 / scale.reshape(-1 if ctx.axis is not None else ())
             grad_scale_ = (sums * inverse).reshape(scale.shape)
         return grad_x, grad_scale_, None, None, None, None, None
+
+
+def _values(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
+    """The fake-quant without autograd. Per tensor the grid is Python floats (the same float32 values, the
+    cheapest scalar operands) and the engine may slice or fuse; per channel one broadcast pass."""
+    if axis is None:
+        s, z = _item(scale), _item(zero_point)
+        grid = (_item(1.0 / scale), qmin - z, qmax - z)
+
+        def fill(part: Tensor, into: Tensor) -> None:
+            _scale_codes_(_relative_codes(part, scale, zero_point, qmin, qmax, into, grid), s)
+
+        scale_0 = scale.reshape(())
+        fused_grid = _grid(scale_0, zero_point.float().reshape(()), qmin, qmax)
+        return engine.values(fill, x, lambda: engine.native_uniform(x, *fused_grid, scale_0, None))
+    scale_b, zp_b = _broadcast_qparams(x, scale, zero_point, axis)
+    return engine.values(lambda part, into: _scale_codes_(
+        _relative_codes(part, scale_b, zp_b, qmin, qmax, into), scale_b), x, sliceable=False)
 
 
 def _uniform_args(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None):
@@ -182,24 +169,7 @@ def fake_quant_uniform(
         return torch.where(_check_keep(keep, x), x, quantized)
     keep = _check_keep(keep, x)
     if not _needs_grad(x, scale):
-        xf, scale = x.float(), scale.float()
-        if ax is None and engine.native_usable(xf):
-            engine.native_finite_check(xf)
-            scale_0 = scale.reshape(())
-            grid = _grid(scale_0, zero_point.float().reshape(()), qmin, qmax)
-            return engine.native_uniform(xf, *grid, scale_0, None).to(x.dtype)
-        if xf.device.type == "cpu" and ax is None:
-            # the grid as Python floats (the same float32 values): the cheapest scalar operands
-            s, z = _item(scale), _item(zero_point)
-            grid = (_item(1.0 / scale), qmin - z, qmax - z)
-
-            def fill(part: Tensor, into: Tensor) -> None:
-                _scale_codes_(_relative_codes(part, scale, zero_point, qmin, qmax, False, into, grid)[0], s)
-
-            out = engine.sliced(fill, xf)
-        else:
-            out = _fake_quant_forward(xf, scale, zero_point, qmin, qmax, ax, need_mask=False)[0]
-        return out.to(x.dtype)
+        return _values(x.float(), scale.float(), zero_point, qmin, qmax, ax).to(x.dtype)
     if x.dtype != torch.float32:
         return _FakeQuantUniform.apply(x.float(), scale.float(), zero_point, qmin, qmax, ax, keep).to(x.dtype)
     return _FakeQuantUniform.apply(x, scale.float(), zero_point, qmin, qmax, ax, keep)
@@ -213,7 +183,7 @@ def quantize_uniform(
     ax = _uniform_args(x, scale, zero_point, qmin, qmax, axis)
     x = x.float()
     scale_b, zp_b = _broadcast_qparams(x, scale, zero_point, ax)
-    return _relative_codes(x, scale_b, zp_b, qmin, qmax, need_mask=False)[0].add_(zp_b).to(torch.int32)
+    return _relative_codes(x, scale_b, zp_b, qmin, qmax).add_(zp_b).to(torch.int32)
 
 
 def dequantize_uniform(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
