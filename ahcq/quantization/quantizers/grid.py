@@ -122,13 +122,14 @@ class GridQuantizer(Quantizer):
     def export(self) -> dict[str, np.ndarray]:
         self.require_calibrated()
         scale, zero_point = self.channel_params()
+        axis = {} if self.ch_axis is None else {"axis": np.array(self.ch_axis, dtype=np.int32)}
         return {
             "kind": np.array("uniform"),
             "bits": np.array(self.bits, dtype=np.int32),
             "qmin": np.array(self.qmin, dtype=np.int32),
             "qmax": np.array(self.qmax, dtype=np.int32),
-            "axis": np.array(-1 if self.ch_axis is None else self.ch_axis, dtype=np.int32),
             "per_channel": np.array(self.ch_axis is not None),
+            **axis,
             "scale": scale.detach().cpu().float().numpy().reshape(-1),
             "zero_point": zero_point.cpu().numpy().astype(np.int32).reshape(-1),
         }
