@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -22,6 +22,7 @@ from . import api
 from .config import ConfigError, QConfig, QSpecConfig
 from .granularity import ChannelGroups, PerTensor, from_ch_axis
 from .mixed import SiteKind, site_patterns
+from .quantizers import QUANTIZERS
 from .quantizers.agq import AGQOptions
 from .quantizers.cag import CAGOptions, GroupRange
 from .quantizers.hluq import HLUQOptions
@@ -60,19 +61,21 @@ class Feature(enum.Enum):
 BIG_KEY_OBSERVER = "avg_mse"  # PTQ4SAM's SignAvgMSEFastObserver (its sign is never set: AvgMSEFast)
 
 
+_OPTIONS: dict[type, Callable[[QConfig], Any]] = {
+    HLUQOptions: lambda c: HLUQOptions(range_splits=c.hluq.range_splits, level_splits=c.hluq.level_splits,
+                                       clips=c.hluq.clips, uniform_candidate=c.hluq.uniform_candidate),
+    LNQOptions: lambda c: LNQOptions(alphas=c.lnq.alphas, error_p=c.lnq.error_p),
+    AGQOptions: lambda c: AGQOptions(taus=c.agq.taus, error_p=c.agq.error_p),
+    CAGOptions: lambda c: CAGOptions(seed=c.seed, group_range=GroupRange(c.cag.group_range)),
+}
+"""How each family's options dataclass (the family's ``options`` attribute) is filled from a config."""
+
+
 def family_options(qconfig: QConfig, quantizer: str) -> Any:
-    """The quantizer family's options dataclass filled from the config's method sections (``None`` for
-    families without options)."""
-    if quantizer == "hluq":
-        return HLUQOptions(range_splits=qconfig.hluq.range_splits, level_splits=qconfig.hluq.level_splits,
-                           clips=qconfig.hluq.clips, uniform_candidate=qconfig.hluq.uniform_candidate)
-    if quantizer == "lnq":
-        return LNQOptions(alphas=qconfig.lnq.alphas, error_p=qconfig.lnq.error_p)
-    if quantizer == "agq":
-        return AGQOptions(taus=qconfig.agq.taus, error_p=qconfig.agq.error_p)
-    if quantizer == "cag":
-        return CAGOptions(seed=qconfig.seed, group_range=GroupRange(qconfig.cag.group_range))
-    return None
+    """The options dataclass of the family registered as ``quantizer``, filled from the config's method
+    sections (``None`` for families without options)."""
+    options = getattr(QUANTIZERS.get(quantizer), "options", None)  # an unknown name is refused when built
+    return None if options is None else _OPTIONS[options](qconfig)
 
 
 def partial_fields(qconfig: QConfig, items: Mapping[str, Any]) -> dict[str, Any]:
