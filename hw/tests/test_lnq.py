@@ -26,22 +26,6 @@ def test_table_rounds_half_up() -> None:
         lnq_table(np.array([1.5]))
 
 
-def test_exported_lnq_table_matches_p_ref(tmp_path) -> None:
-    torch = pytest.importorskip("torch")
-    export = pytest.importorskip("ahcq.quantization.export",
-                                 reason="ahcq.quantization.export is not available")
-    from ahcq.quantization.quantizers import LNQuantizer, Mode, Role
-
-    probs = torch.softmax(torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
-    q = LNQuantizer(Role.ATTN_PROB, 4, name="attn.softmax_quantizer")
-    q.set_mode(Mode.CALIBRATE)
-    q(probs)
-    q.set_mode(Mode.QUANTIZE)
-    data = export.export_attention_probs(q, probs, tmp_path / "lnq.npz")
-    values = lnq_table(data["levels"])[data["codes"]] * 2.0**-LUT_FRAC
-    assert np.abs(values - data["p_ref"]).max() <= 2.0 ** -(LUT_FRAC + 1) + 1e-7
-
-
 @pytest.mark.parametrize("sim", SIMULATORS)
 def test_lnq_rom_bit_exact(sim: str, tmp_path) -> None:
     reason = unavailable_reason(sim)

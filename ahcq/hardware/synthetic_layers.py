@@ -1,4 +1,4 @@
-"""Quantized SAM-shaped Linear layers exported through ahcq.quantization.export (needs torch + ahcq).
+"""Quantized SAM-shaped Linear layers exported through ``ahcq.quantization.export``.
 
 Two layers the accelerator is built for, calibrated on random data (no checkpoint needed):
 an MLP second linear (lin2, 4·C → C) with an HLUQ input on GELU activations and no output quantizer

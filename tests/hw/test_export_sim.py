@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ahcq.hardware import synthetic_layers as export_layers
 from hw.model.golden import compile_layer, dequantized, load_layer, run_layer
 from hw.model.tiles import slice_tile
 from hw.tb.sim import HARNESS_LANES, SIMULATORS, run_tiles, unavailable_reason
-
-export_layers = pytest.importorskip("hw.model.export_layers",
-                                    reason="ahcq.quantization.export is not available")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ahcq.hardware import testbed_layers
 from hw.model.golden import MAX_SLOTS, compile_layer, dequantized, load_layer, run_layer
 from hw.model.tiles import slice_tile
 from hw.tb.sim import HARNESS_LANES, REPO_ROOT, SIMULATORS, run_tiles, unavailable_reason
-
-pytest.importorskip("segment_anything")
-pytest.importorskip("mmdet")
-from hw.model import testbed_layers  # noqa: E402  (needs segment_anything and the mmdet plugin)
 
 if not testbed_layers.CHECKPOINT.is_file():
     pytest.skip("ckpt/tiny_sam.pth is not committed (tools/train_tiny_sam.py)", allow_module_level=True)
