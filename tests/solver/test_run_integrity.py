@@ -22,6 +22,7 @@ from test_test_quant import SIZES, _run, _size_options, make_demo_data
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.solver.recon import train as recon_loop
 from ahcq.solver.results import write_json
+from ahcq.solver.run_identity import RunFolder, RunMismatch
 from ahcq.solver.test_quant import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +85,12 @@ def test_reruns_with_other_inputs_are_refused_before_any_work(demo_env, tmp_path
              "new --out")
     _refused(_args(demo_env, out, "--calib-images", "1"), "calibration")  # argparse: the last one wins
     _refused(_args(demo_env, out, "--seed", "1"), "seed", "qconfig")
+    for component, value in first["identity"].items():  # any component that differs is named
+        other = {**first["identity"], component: ["another", value]}
+        with pytest.raises(RunMismatch, match=rf"\(differs: {component}\); use a new --out or --overwrite"):
+            RunFolder(out, other).finished()
+    assert set(first["identity"]) >= {"mmdet_config", "sam_weights", "prompt", "data", "qconfig",
+                                      "calibration", "seed", "threads", "device", "code"}
     threads = torch.get_num_threads()
     try:
         _refused(_args(demo_env, out, "--threads", str(threads + 1)), "differs: threads")
