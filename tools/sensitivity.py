@@ -6,8 +6,9 @@ one site at a time from the fully quantized model; report the change in output e
 
 For every width of ``--bits`` (default: the config's own activation width) the model is quantized at that
 width (weights and activations), calibrated as the config asks (BIG, ACNR, weight groups; no
-reconstruction) on ``--calib-images`` training images and measured on ``--images`` validation images with
-their ground-truth boxes as prompts (``ahcq.analysis.sensitivity``). Writes ``results.json`` (every site's
+reconstruction) on ``--calib-images`` training images and measured on ``--images`` other training images
+(``--split val``: validation images) with their ground-truth boxes as prompts (``ahcq.analysis.sensitivity``);
+sites chosen from training images leave the evaluation set unseen. Writes ``results.json`` (every site's
 MACs and, per width, ``alone_error``, ``alone_ap_drop``, ``removed_error``, ``removed_ap_gain``: the input of
 the ``mixed`` config section), ``sensitivity.md`` and ``sensitivity.png``. Each width's measurement is kept
 in ``bits<W>.json`` beside them and reused by a rerun with the same inputs, so an interrupted run resumes.
@@ -52,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--bits", type=int, nargs="+", help="bit widths measured (default: the config's)")
     p.add_argument("--calib-images", type=int, default=8, help="training images for calibration")
-    p.add_argument("--images", type=int, default=8, help="validation images measured")
+    p.add_argument("--images", type=int, default=8, help="images measured")
+    p.add_argument("--split", choices=["train", "val"], default="train",
+                   help="where the measured images come from: training images other than the calibration "
+                        "ones (default: the evaluation set stays unseen by the sites chosen from them), or "
+                        "validation images")
     p.add_argument("--max-boxes", type=int, default=8, help="ground-truth box prompts per image")
     p.add_argument("--granularity", type=SiteGranularity, choices=list(SiteGranularity),
                    default=SiteGranularity.LAYER, metavar="{layer,quantizer}",
@@ -60,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed (default: the q_config's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
+
+
+def choose_images(data: Path, split: str, calib_images: int, images: int, seed: int) -> tuple[list, list]:
+    """Calibration images (training) and measured images: from one seeded draw of training images, split,
+    so none is calibrated on (``split="train"``), or validation images (``"val"``)."""
+    if split == "train":
+        drawn = load_samples(data, "train", calib_images + images, seed)
+        return drawn[:calib_images], drawn[calib_images:]
+    return load_samples(data, "train", calib_images, seed), load_samples(data, "val", images, seed)
 
 
 def at_bits(qconfig: QConfig, bits: int) -> QConfig:
@@ -161,10 +175,10 @@ def main(args: argparse.Namespace) -> None:
     if any(not 2 <= b <= 8 for b in bits):
         raise ValueError(f"--bits {bits}: widths must be in 2..8")
     float_sam = load_sam_checkpoint(args.checkpoint, args.model_type)
-    calib = load_samples(args.data, "train", args.calib_images, qconfig.seed)
-    evaluation = load_samples(args.data, "val", args.images, qconfig.seed)
+    calib, evaluation = choose_images(args.data, args.split, args.calib_images, args.images, qconfig.seed)
     identity = {"qconfig": digest(dataclasses.asdict(qconfig)), "weights": weights_digest(float_sam),
                 "data": str(args.data.resolve()), "calib_images": args.calib_images, "images": args.images,
+                "split": args.split,
                 "max_boxes": args.max_boxes, "granularity": args.granularity.value, "code": code_version()}
     args.out.mkdir(parents=True, exist_ok=True)
     widths = {b: measure_width(args, qconfig, float_sam, b, calib, evaluation, identity) for b in bits}

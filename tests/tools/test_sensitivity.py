@@ -22,7 +22,7 @@ tool = load_tool("sensitivity")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sensitivity")
-    load_tool("make_demo_data").generate(root / "demo", seed=2, num_train=2, num_val=2, size=64)
+    load_tool("make_demo_data").generate(root / "demo", seed=2, num_train=4, num_val=2, size=64)
     torch.manual_seed(0)
     torch.save(build_tiny_sam(**SIZES).state_dict(), root / "sam.pth")
     (root / "sam.json").write_text(json.dumps({"build_args": SIZES}))
@@ -54,7 +54,7 @@ def test_sites_macs_widths_and_resume(setup, tmp_path, capsys):
     for name, module in float_sam.named_modules():
         if type(module) in (nn.Linear, nn.Conv2d):
             module.register_forward_hook(lambda m, a, o, name=name: count(m, a, o, name))
-    sample = load_samples(setup["data"], "val", 2, 0)[0]
+    sample = tool.choose_images(setup["data"], "train", 2, 2, 0)[1][0]  # the image MACs are counted on
     with torch.no_grad():
         sam_masks(float_sam, sample, 3)
     layers = {n: s for n, s in sites.items() if s["kind"] == "layer"}
@@ -77,3 +77,11 @@ def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys):
     assert "none.pth" in capsys.readouterr().err
     assert _run(setup, tmp_path / "o", "--bits", "9") == 2
     assert "--bits" in capsys.readouterr().err
+
+
+def test_measured_images_are_never_calibrated_on(setup):
+    calib, measured = tool.choose_images(setup["data"], "train", 2, 2, 0)
+    assert len(calib) == len(measured) == 2
+    assert not {s.image_id for s in calib} & {s.image_id for s in measured}
+    val_ids = {s.image_id for s in load_samples(setup["data"], "val", 2, 0)}
+    assert {s.image_id for s in tool.choose_images(setup["data"], "val", 2, 2, 0)[1]} == val_ids
