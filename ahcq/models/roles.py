@@ -55,8 +55,9 @@ def decoder_rules(transformer: str, prob_kind: Feature, mlp: tuple[str, str],
                   big_pattern: str = "*token_to_image") -> tuple[RoleRule, ...]:
     """The rows of a two-way-transformer mask decoder (self, token->image, image->token, final attention)
     under the module name ``transformer``: CAG on the q/k/v projection and MLP ``mlp[0]`` inputs, HLUQ on the
-    post-ReLU MLP ``mlp[1]`` input, ``prob_kind`` on the probabilities, PTQ4SAM's key search on every key and
-    BIG's sign folding on the attentions matching ``big_pattern``."""
+    post-ReLU MLP ``mlp[1]`` input, ``prob_kind`` on the probabilities, PTQ4SAM's key search on every key,
+    BIG's sign folding on the attentions matching ``big_pattern``, and CAG on every q and k operand when
+    ``cag.operands`` asks for it."""
     layers = f"{transformer}.*"
     return (
         RoleRule(f"{layers}.q_proj", "input", Role.INPUT, Feature.CAG),
@@ -64,6 +65,8 @@ def decoder_rules(transformer: str, prob_kind: Feature, mlp: tuple[str, str],
         RoleRule(f"{layers}.v_proj", "input", Role.INPUT, Feature.CAG),
         *attention_rules(f"{transformer}.*attn*", prob_kind, key_kind=Feature.BIG_KEY),
         RoleRule(f"{transformer}.{big_pattern}", "k", Role.KEY, Feature.BIG_KEY, big=True),
+        RoleRule(f"{transformer}.*attn*", "q", Role.QUERY, Feature.CAG_OPERAND),
+        RoleRule(f"{transformer}.*attn*", "k", Role.KEY, Feature.CAG_OPERAND),
         RoleRule(f"{layers}.out_proj", "input", Role.INPUT, Feature.UNIFORM),
         RoleRule(f"{layers}.{mlp[0]}", "input", Role.INPUT, Feature.CAG),
         RoleRule(f"{layers}.{mlp[1]}", "input", Role.INPUT, Feature.HLUQ),

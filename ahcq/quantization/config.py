@@ -493,13 +493,15 @@ class HLUQConfig:
 class CAGConfig:
     """Channel-aware grouping schedule; ``groups`` null takes ``ahcptq.group``. ``group_range`` (ours): a
     group's range is the ``envelope`` of its members' ranges, or their ``mean`` (the reference's rule, which
-    clips the wider members of every group)."""
+    clips the wider members of every group). ``operands`` (ours): CAG also on the q and k operands of every
+    decoder attention, each group one per-tensor sub-product of ``q·kᵀ`` as for a Linear's input."""
 
     groups: int | None = _opt(None, _optional(_integer(1)))
     group_range: GroupRange = _opt(GroupRange.ENVELOPE, _enum(GroupRange))
     regroup_fractions: tuple[float, ...] = _opt((0.2, 0.4, 0.6, 0.8), _FRACTIONS)
     apply_to_weights: bool = _opt(False, _boolean)
     weight_groups: int = _opt(32, _integer(1))
+    operands: bool = _opt(False, _boolean)
 
 
 @dataclass(frozen=True)

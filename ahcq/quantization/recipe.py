@@ -52,6 +52,7 @@ class Feature(enum.Enum):
 
     UNIFORM = "uniform"  # the activation recipe as it is
     CAG = "cag"  # channel-aware grouping when ahcptq.cag
+    CAG_OPERAND = "cag_operand"  # channel-aware grouping of an attention's q or k when cag.operands too
     HLUQ = "hluq"  # hybrid log-uniform when ahcptq.hluq
     AGQ_SOFTMAX = "agq_softmax"  # AGQ when ptq4sam.AGQ
     LNQ_SOFTMAX = "lnq_softmax"  # LNQ when lnq.enabled, else AGQ when ptq4sam.AGQ
@@ -117,6 +118,8 @@ def feature_fields(qconfig: QConfig, feature: Feature) -> dict[str, Any]:
         return {}
     if feature is Feature.CAG:
         return partial_fields(qconfig, {"quantizer": "cag"}) if qconfig.ahcptq.cag else {}
+    if feature is Feature.CAG_OPERAND:
+        return feature_fields(qconfig, Feature.CAG) if qconfig.cag.operands else {}
     if feature is Feature.HLUQ:
         return _per_tensor(qconfig, "hluq") if qconfig.ahcptq.hluq else {}
     if feature is Feature.LNQ_SOFTMAX:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,11 +54,12 @@ def _log_to_stderr() -> None:
     """INFO lines of ``ahcq`` on stderr, through a handler of its own: mmcv turns the root logger's stream
     handlers down to ERROR when it builds its loggers, which would silence a root-level setup."""
     log = logging.getLogger("ahcq")
-    if not any(getattr(h, "ahcq_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler.ahcq_cli = True
-        log.addHandler(handler)
+    for old in [h for h in log.handlers if getattr(h, "ahcq_cli", False)]:
+        log.removeHandler(old)  # an earlier run in this process (a grid's cell) wrote to a stderr now closed
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.ahcq_cli = True
+    log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
 

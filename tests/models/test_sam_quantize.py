@@ -198,3 +198,30 @@ def test_ptq4sam_ahcptq_quantizers_calibrate_through_the_decoder_twins() -> None
     a, b = out["masks"], ref["masks"]
     iou = (a & b).sum(dim=(-1, -2)) / (a | b).sum(dim=(-1, -2))
     assert bool((iou >= 0.9).all()), iou
+
+
+def test_cag_operands_group_every_decoder_q_and_k_and_calibrate() -> None:
+    """``cag.operands``: CAG on the q and k of every decoder attention (the encoder's stay uniform); the
+    grouped operands calibrate through the twins and keep the masks."""
+    dec = "mask_decoder.transformer"
+    plain = kinds(quantize_sam(tiny_sam(), parse_qconfig(AHCQSAM)))
+    cfg = parse_qconfig({**AHCQSAM, "cag": {"operands": True}})
+    sam = tiny_sam()
+    inputs = batch(sam, n_boxes=2)
+    with torch.no_grad():
+        ref = sam(inputs, multimask_output=False)[0]
+        quantize_sam(sam, cfg)
+        grouped = kinds(sam)
+        with api.calibrating(sam):
+            sam(inputs, multimask_output=False)
+        api.set_mode(sam, Mode.QUANTIZE)
+        out = sam(inputs, multimask_output=False)[0]
+    changed = {name for name in grouped if grouped[name] != plain[name]}
+    attentions = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
+    expected = {f"{dec}.layers.{i}.{a}.{s}_quantizer" for i in (0, 1) for a in attentions for s in "qk"}
+    expected |= {f"{dec}.final_attn_token_to_image.{s}_quantizer" for s in "qk"}
+    assert changed == expected
+    assert {grouped[name] for name in expected} == {("CAGQuantizer", Role.QUERY), ("CAGQuantizer", Role.KEY)}
+    a, b = out["masks"], ref["masks"]
+    iou = (a & b).sum(dim=(-1, -2)) / (a | b).sum(dim=(-1, -2))
+    assert bool((iou >= 0.9).all()), iou

@@ -280,6 +280,7 @@ ENTRIES: dict[str, Entry] = {
     "cag.regroup_fractions": ({}, {"cag": {"regroup_fractions": [0.5]}}, settings),
     "cag.apply_to_weights": ({}, {"cag": {"apply_to_weights": True}}, calibration),
     "cag.weight_groups": ({"cag": {"apply_to_weights": True}}, {"cag": {"weight_groups": 2}}, calibration),
+    "cag.operands": ({}, {"cag": {"operands": True}}, built),
     "attention.rel_pos_float_q": ({}, {"attention": {"rel_pos_float_q": True}}, built),
     "mixed.sensitivity": ({}, {"mixed": {"sensitivity": _sensitivity()}}, REFUSED),
     "mixed.float_sites": ({"mixed": {"sensitivity": _sensitivity(), "float_sites": 1}},

@@ -13,7 +13,7 @@ from ahcq.quantization.api import NotFullyQuantizedError, assert_fully_quantized
 from ahcq.quantization.config import ConfigError, load_qconfig, parse_qconfig
 from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode, Role
 from ahcq.solver.recon import ReconSettings, reconstruct, units_from_names
-from ahcq.solver.recon.train import LossContext, _regroup
+from ahcq.solver.recon.train import LossContext, _regroup, plateau_horizon
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = ["blocks.0", "blocks.1", "blocks.2"]
@@ -204,15 +204,38 @@ def test_cag_regroups_without_restarting_the_lr_schedule():
     assert_fully_quantized(model)
 
 
-def test_early_stop_still_reaches_the_final_groups():
+def test_early_stop_shrinks_the_whole_schedule_at_a_warm_up_plateau():
     model = make_model(cag=True)
+    # warm-up 4 of 40 steps; min_delta 1e9: the first value is the best, two idle updates make the plateau
     settings = ReconSettings(**{**FAST, "iters": 40, "warm_up": 0.1, "patience": 2, "min_delta": 1e9})
     result = run(model, settings)
+    horizon = 30  # plateau after 3 warm-up steps: 3 / 0.1 steps in all
     for report in result.reports:
-        assert report.stopped_early and report.steps == 4 + 1 + 2  # best at step 4, two idle checks
-        assert [g for _, g in report.regroups][-2:] == [2, 2]
+        assert report.stopped_early and report.steps == horizon
+        assert sorted(report.regroups) == sorted([(6, 16), (12, 8), (18, 4), (24, 2)] * 2)
+        last = settings.scale_lr * (1 + math.cos(math.pi * (horizon - 1) / horizon)) / 2
+        assert report.scale_lrs[-1] == pytest.approx(last, rel=1e-6)
     assert all(int(q.groups) == 2 for _, q in iter_quantizers(model) if isinstance(q, CAGQuantizer))
     assert_fully_quantized(model)
+
+
+def test_early_stop_without_rounding_to_anneal_stops_and_still_reaches_the_final_groups():
+    model = make_model(cag=True)
+    settings = ReconSettings(**{**FAST, "iters": 40, "warm_up": 0.1, "weight": 0.0, "patience": 2,
+                                "min_delta": 1e9})
+    result = run(model, settings)
+    for report in result.reports:
+        assert report.stopped_early and report.steps == 3
+        assert sorted(report.regroups) == sorted([(3, 16), (3, 8), (3, 4), (3, 2)] * 2)
+    assert all(int(q.groups) == 2 for _, q in iter_quantizers(model) if isinstance(q, CAGQuantizer))
+    assert_fully_quantized(model)
+
+
+@pytest.mark.parametrize("done, iters, warm_up, expected", [(150, 5000, 0.2, 750), (1500, 5000, 0.2, 5000),
+                                                           (7, 100, 0.3, 24), (1, 10, 0.9, 2)])
+def test_plateau_horizon_keeps_the_warm_up_proportion(done, iters, warm_up, expected):
+    settings = ReconSettings(iters=iters, warm_up=warm_up)
+    assert plateau_horizon(done, settings) == expected
 
 
 def test_quantized_prefix_gives_the_first_unit_quantized_inputs():

@@ -255,7 +255,8 @@ def test_register_counts_match_hand_counts(tmp_path):
 @pytest.mark.parametrize("name, cells, tables", [
     ("demo", 7 * 2 * 3 + 1 + (8 - 1) * 3, 2), ("fidelity", 13, 5), ("coco", 12 * 7 * 3 + 12, 4),
     ("ablation", 8 * 3, 1), ("hluq_grid", 2 * 3 + 9 * 7, 2),
-    ("cag_groups", 6 * 3, 1), ("cag_weights", 2 * 3, 1), ("budget", 5 * 3, 1), ("mixed", 2 * 3 + 5 * 3, 2)])
+    ("cag_groups", 6 * 3, 1), ("cag_weights", 2 * 3, 1), ("budget", 5 * 3, 1), ("mixed", 2 * 3 + 5 * 3, 2),
+    ("ours", 2 * 3, 1)])
 def test_shipped_specs_plan(name, cells, tables):
     plans, planned = plan_tables(load_spec(REPO / "exp" / "tables" / f"{name}.yaml"))
     assert len(planned) == cells and len(plans) == tables

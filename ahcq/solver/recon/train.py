@@ -15,6 +15,10 @@ optional caller term. The summed axis is ``loss_axis``: the unit's declared chan
 the references' fixed axis 1 (``axis1``, whatever it holds) or last axis (``last``, SAQ-SAM). With
 ``act_quant`` false (BRECQ's reference) the activation quantizers stay off while the unit trains. A unit
 always ends hardened, and fully quantized unless its activations are deliberately off.
+
+Early stopping (``patience``) watches the smoothed loss while no rounding regulariser applies. At a plateau
+in the warm-up, the warm-up ends there and the whole schedule (annealing, regroups, LR) shrinks to
+``plateau_horizon`` steps, so the roundings still anneal fully; a unit with nothing to anneal just stops.
 """
 from __future__ import annotations
 
@@ -128,8 +132,8 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fused)
 
 
-def _regroup_plan(unit: ReconUnit, settings: ReconSettings) -> list[tuple[int, CAGQuantizer, int]]:
-    """``(step, quantizer, groups)`` of every CAG regroup round in the unit."""
+def _regroup_plan(unit: ReconUnit, settings: ReconSettings) -> list[tuple[float, CAGQuantizer, int]]:
+    """``(fraction of the unit's steps, quantizer, groups)`` of every CAG regroup round in the unit."""
     plan = []
     for q in unit.quantizers:
         if not isinstance(q, CAGQuantizer) or q.target_groups is None:
@@ -137,9 +141,12 @@ def _regroup_plan(unit: ReconUnit, settings: ReconSettings) -> list[tuple[int, C
         channels = q.group_index.numel()
         targets = progressive_schedule(q.target_groups)[-len(settings.regroup_fractions):]
         fractions = settings.regroup_fractions[-len(targets):]
-        for f, g in zip(fractions, targets):
-            plan.append((max(1, math.floor(f * settings.iters)), q, min(g, channels)))
+        plan.extend((f, q, min(g, channels)) for f, g in zip(fractions, targets))
     return sorted(plan, key=lambda item: item[0])
+
+
+def _regroup_step(fraction: float, total: int) -> int:
+    return max(1, math.floor(fraction * total))
 
 
 def _regroup(q: CAGQuantizer, groups: int, optimizer: torch.optim.Optimizer | None) -> None:
@@ -160,9 +167,8 @@ def _regroup(q: CAGQuantizer, groups: int, optimizer: torch.optim.Optimizer | No
 
 
 class _Plateau:
-    """Early stopping on the smoothed (EMA 0.9) reconstruction loss, counted only while ``watch`` is true
-    (after the warm-up, when the rounding regulariser is on): stop after ``patience`` updates without an
-    improvement of more than ``min_delta`` over the best value. ``patience=None`` never stops."""
+    """A plateau of the smoothed (EMA 0.9) reconstruction loss: ``patience`` watched updates without an
+    improvement of more than ``min_delta`` over the best value. ``patience=None`` never finds one."""
 
     def __init__(self, patience: int | None, min_delta: float) -> None:
         self.patience, self.min_delta = patience, min_delta
@@ -179,6 +185,13 @@ class _Plateau:
         else:
             self.wait += 1
         return self.wait >= self.patience
+
+
+def plateau_horizon(steps_done: int, settings: ReconSettings) -> int:
+    """A unit's step count once its loss plateaued after ``steps_done`` warm-up steps: the warm-up ends there
+    and the annealed rounding phase keeps the schedule's proportion, ``steps_done / warm_up`` steps in all
+    (at most ``iters``). Stopping inside the annealing instead would harden half-annealed roundings."""
+    return min(settings.iters, max(steps_done + 1, math.ceil(steps_done / settings.warm_up)))
 
 
 def _descend(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | None]) -> None:
@@ -235,8 +248,11 @@ def reconstruct_unit(
     scales = scale_parameters(unit)
     opt_w = _adam(rounding, settings.weight_lr) if rounding else None
     opt_s = _adam(scales, settings.scale_lr) if scales else None
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=settings.iters) if opt_s else None
+    horizon = [settings.iters]  # the unit's step count; early stopping shortens it once
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt_s, lambda t: (1 + math.cos(math.pi * min(t, horizon[0]) / horizon[0])) / 2) if opt_s else None
     beta = BetaSchedule(settings.iters, settings.b_range[0], settings.b_range[1], settings.warm_up)
+    anneals = bool(rounding) and settings.weight > 0 and settings.warm_up > 0
     regroups = _regroup_plan(unit, settings)
     masks, batches = stream(settings.seed, "qdrop", unit_index), stream(settings.seed, "batches", unit_index)
     p = settings.float_p
@@ -247,11 +263,12 @@ def reconstruct_unit(
         t.requires_grad_(False)
     unit.module.eval()
     plateau = _Plateau(settings.patience, settings.min_delta)
+    bar = progress_bar(total=settings.iters, desc=f"recon {unit.name}", disable=not progress, leave=False)
     try:
         with dropping(unit.module, p, masks) if p > 0 else nullcontext():
-            for step in progress_bar(range(settings.iters), desc=f"recon {unit.name}", disable=not progress,
-                             leave=False):
-                while regroups and regroups[0][0] == step:
+            step = 0
+            while step < horizon[0]:
+                while regroups and _regroup_step(regroups[0][0], horizon[0]) <= step:
                     _, q, groups = regroups.pop(0)
                     _regroup(q, groups, opt_s)
                     report.regroups.append((step, groups))
@@ -269,14 +286,23 @@ def reconstruct_unit(
                 if sched is not None:
                     report.scale_lrs.append(sched.get_last_lr()[0])
                     sched.step()
-                report.steps = step + 1
-                if plateau.update(float(rec.detach()), watch=beta.active(step)):
+                step += 1
+                bar.update()
+                report.steps = step
+                if plateau.update(float(rec.detach()), watch=not (anneals and beta.active(step - 1))):
                     report.stopped_early = True
-                    break
-        for step, q, groups in regroups:
+                    if not anneals:
+                        break
+                    horizon[0] = plateau_horizon(step, settings)
+                    beta = dataclasses.replace(beta, iters=horizon[0])
+                    plateau.patience = None  # the horizon is set once
+                    bar.total = horizon[0]
+                    bar.refresh()
+        for _, q, groups in regroups:
             _regroup(q, groups, None)
-            report.regroups.append((step, groups))
+            report.regroups.append((report.steps, groups))
     finally:
+        bar.close()
         for t in frozen:
             t.requires_grad_(True)
         unit.module.train(was_training)
