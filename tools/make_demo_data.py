@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ahcq.data.coco_io import annotation, categories, write_coco_json
+from ahcq.data.folders import replace_dir
 from ahcq.data.shapes import CATEGORIES, SceneSpec, draw_scene
 
 SPLITS = {"train": 0, "val": 1}
@@ -29,18 +30,6 @@ def _png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished folder into place so a split is never left half-written."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def generate_split(out: Path, split: str, num: int, seed: int, spec: SceneSpec) -> dict[str, Any]:
@@ -58,7 +47,7 @@ def generate_split(out: Path, split: str, num: int, seed: int, spec: SceneSpec) 
             images.append({"id": image_id, "file_name": name, "width": spec.size, "height": spec.size})
             for obj in objects:
                 anns.append(annotation(len(anns) + 1, image_id, obj.category + 1, obj.mask))
-        _replace_dir(tmp, out / split)
+        replace_dir(tmp, out / split)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
