@@ -225,3 +225,32 @@ def test_cag_operands_group_every_decoder_q_and_k_and_calibrate() -> None:
     a, b = out["masks"], ref["masks"]
     iou = (a & b).sum(dim=(-1, -2)) / (a | b).sum(dim=(-1, -2))
     assert bool((iou >= 0.9).all()), iou
+
+
+def test_grouped_key_makes_q_k_product_a_sum_of_one_integer_sub_product_per_group() -> None:
+    """What makes ``cag.operands`` hardware-compatible: after regrouping, a key's channels share G (scale,
+    zero point) pairs, so ``q·kᵀ`` equals the sum over groups of scale × (q · (codes − zero point)) on that
+    group's channels, re-derived here in float64 from the integer codes."""
+    sam = tiny_sam()
+    inputs = batch(sam, n_boxes=2)
+    quantize_sam(sam, parse_qconfig({**AHCQSAM, "cag": {"operands": True}}))
+    attn = sam.mask_decoder.transformer.layers[1].cross_attn_image_to_token
+    seen = {}
+    attn.k_proj.register_forward_hook(lambda _m, _i, out: seen.__setitem__("k", out.detach()))
+    with torch.no_grad(), api.calibrating(sam):
+        sam(inputs, multimask_output=False)
+    quantizer = attn.k_quantizer
+    quantizer.regroup(4)
+    quantizer.set_mode(Mode.QUANTIZE)
+    k = seen["k"]
+    codes = quantizer.quantize_int(k).double()
+    scale, zero_point = (t.detach().double() for t in quantizer.channel_params())
+    assert len({(float(s), float(z)) for s, z in zip(scale, zero_point)}) <= 4
+    q = torch.randn(5, k.shape[-1], dtype=torch.float64)
+    product = q @ quantizer(k).double()[0].T
+    summed = torch.zeros_like(product)
+    for g in quantizer.group_index.unique():
+        members = quantizer.group_index == g
+        s, z = scale[members][0], zero_point[members][0]
+        summed += s * (q[:, members] @ (codes[0][:, members] - z).T)
+    torch.testing.assert_close(summed, product, rtol=1e-6, atol=1e-6)
