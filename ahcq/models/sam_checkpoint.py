@@ -21,7 +21,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 __all__ = ["SAM_VARIANTS", "SamSpec", "build_sam", "infer_model_type", "load_sam", "read_state_dict",
-           "sam_from_spec"]
+           "sam_from_spec", "spec_of_sam"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +110,23 @@ def sam_from_spec(s: SamSpec) -> Sam:
         pixel_std=[58.395, 57.12, 57.375],
     )
     return sam.eval()
+
+
+def spec_of_sam(sam: Sam) -> SamSpec:
+    """The ``SamSpec`` that ``sam_from_spec`` rebuilds ``sam``'s architecture from (float or quantized)."""
+    enc, dec = sam.image_encoder, sam.mask_decoder
+    patch = enc.patch_embed.proj.weight
+    layers = dec.transformer.layers
+    return SamSpec(
+        embed_dim=int(patch.shape[0]), depth=len(enc.blocks), num_heads=int(enc.blocks[0].attn.num_heads),
+        global_attn_indexes=tuple(i for i, b in enumerate(enc.blocks) if b.window_size == 0),
+        img_size=int(enc.img_size), patch_size=int(patch.shape[-1]),
+        window_size=max(int(b.window_size) for b in enc.blocks),
+        prompt_embed_dim=int(sam.prompt_encoder.embed_dim),
+        decoder_depth=len(layers), decoder_mlp_dim=int(layers[0].mlp.lin1.weight.shape[0]),
+        decoder_num_heads=int(layers[0].self_attn.num_heads),
+        iou_head_hidden_dim=int(dec.iou_prediction_head.layers[0].weight.shape[0]),
+    )
 
 
 def _describe(embed_dim: int, depth: int) -> str:

@@ -31,6 +31,7 @@ import torch
 from mmdet.models import build_detector
 
 import ahcq
+from ahcq.deploy import pack_model
 from ahcq.models.sam_quantize import quantize_sam
 from ahcq.models.sam_roles import big_sites
 from ahcq.models.sam_runner import decode_boxes
@@ -62,6 +63,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_QCONFIG = Path("exp/config44.yaml")
 MAX_MESSAGE = 600
 PROGRESS = "progress.json"
+PACKED_FILE = "quantized.npz"
 
 
 @dataclass
@@ -85,6 +87,7 @@ class RunOptions:
     recon_iters: int | None = None
     overwrite: bool = False
     keep_state: bool = False
+    pack: bool = False
     cfg_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -257,6 +260,7 @@ def _identity(cfg: mmcv.Config, opts: RunOptions, qconfig: QConfig, model: Any, 
         "threads": torch.get_num_threads(),
         "device": str(device),
         "code": code_version(),
+        **({"pack": True} if opts.pack else {}),
     }
 
 
@@ -271,6 +275,10 @@ def _prepare(opts: RunOptions) -> tuple[RunOptions, mmcv.Config, QConfig]:
     check_config_files(cfg, opts.config)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {opts.device}: no CUDA device is available")
+    if opts.pack and (opts.fp_only or qconfig.mixed.allocation is not None):
+        raise UserError("--pack: " + ("--fp-only quantizes nothing to pack" if opts.fp_only else
+                                      f"{opts.q_config} allocates mixed precision, which packing does not "
+                                      "support yet"))
     return opts, cfg, qconfig
 
 
@@ -356,6 +364,10 @@ def _work(opts: RunOptions, cfg: mmcv.Config, qconfig: QConfig, model: Any, devi
         results["quant"] = evaluate(model, eval_set, cache, eval_keys, staging, "quant",
                                     not opts.quant_encoder)
         timer.stage("quant_eval")
+        if opts.pack:
+            sizes = pack_model(model.sam, qconfig, bool(opts.quant_encoder), staging / PACKED_FILE)
+            results["packed"] = {"file": PACKED_FILE, **sizes}
+            timer.stage("pack")
     results.update(
         config={"path": str(opts.config), "text_sha256": hashlib.sha256(cfg.text.encode()).hexdigest(),
                 "resolved_sha256": hashlib.sha256(config_blob.encode()).hexdigest(),

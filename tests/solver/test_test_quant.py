@@ -23,6 +23,7 @@ from segment_anything import SamPredictor
 from tool_loader import load_tool
 
 from ahcq.data.shapes import CATEGORIES
+from ahcq.deploy import unpack_model
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.solver.test_quant import main
 from projects.instance_segment_anything import GTBoxPrompt
@@ -187,7 +188,7 @@ def shapes(tmp_path_factory, ckpt) -> dict:
         calls_after_fp = CountingGTBoxPrompt.calls
         runs["w8a8"] = _run(["--q_config", str(_w8a8(root)), "--out", str(root / "w8a8"), *base])
         calls_after_w8a8 = CountingGTBoxPrompt.calls
-        runs["w4a4"] = _run(["--q_config", str(_config44(root)), "--quant-encoder", "--skip-fp",
+        runs["w4a4"] = _run(["--q_config", str(_config44(root)), "--quant-encoder", "--skip-fp", "--pack",
                              "--out", str(root / "w4a4"), *base])
         calls_after_w4a4 = CountingGTBoxPrompt.calls
     return {"root": root, "runs": runs, "fp_dir": root / "fp", "w8a8_dir": root / "w8a8", "reference": dets,
@@ -273,6 +274,18 @@ def test_w4a4_config44_runs_the_ahcq_recipe_with_reconstruction(shapes):
     recon = calibration["reconstruction"]
     assert recon["requested"] and recon["ran"] and recon["report"]["iters"] == 2
     assert 0.0 <= run["quant"]["segm_mAP"] <= 100.0
+
+
+def test_pack_writes_the_runs_quantized_model_as_one_integer_file(shapes, ckpt):
+    run, path = shapes["runs"]["w4a4"], shapes["root"] / "w4a4" / "quantized.npz"
+    assert run["packed"] == {"file": "quantized.npz", "bytes": path.stat().st_size,
+                             "fp32_bytes": run["packed"]["fp32_bytes"]}
+    assert path.stat().st_size < run["packed"]["fp32_bytes"] / 3  # float parts dominate this small model
+    sam, qconfig, quant_encoder = unpack_model(path)
+    assert quant_encoder and qconfig.to_dict() == {k: v for k, v in run["qconfig"].items() if k != "path"}
+    float_state = torch.load(ckpt, weights_only=True)
+    for name in ("image_encoder.pos_embed", "mask_decoder.iou_token.weight"):  # this run's float parts
+        assert torch.equal(sam.state_dict()[name], float_state[name])
 
 
 def test_results_json_is_complete(shapes):

@@ -96,6 +96,7 @@ class Quantizer(nn.Module):
     symmetric_ok = False  # whether a symmetric grid is meaningful for the family
     uses_observer = True  # False: the family searches its own range and takes no observer
     options: type | None = None  # the family's own options dataclass (its keyword arguments)
+    calibration_state: tuple[str, ...] = ()  # buffers only calibration reads (a deployed model leaves them)
 
     def __init__(self, role: Role, bits: int, name: str = "") -> None:
         super().__init__()

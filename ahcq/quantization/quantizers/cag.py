@@ -127,6 +127,7 @@ class CAGQuantizer(LSQQuantizer):
     """Grouped-channel uniform quantizer on the last axis; ``groups`` is the final group count G."""
 
     family = "cag"
+    calibration_state = ("range_sample",)
     granularities = (ChannelGroups,)
     options = CAGOptions
 

@@ -94,6 +94,7 @@ class HLUQuantizer(Quantizer):
 
     family = "hluq"
     options = HLUQOptions
+    calibration_state = ("losses",)
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ class ProbabilityQuantizer(Quantizer):
 
     uses_observer = False
     candidate_name = "candidate"
+    calibration_state = ("search_errors", "search_sums")
 
     def __init__(self, role: Role, bits: int, candidates: Sequence[float], name: str, error_p: float = 2.0
                  ) -> None:

@@ -1,0 +1,43 @@
+"""``python -m ahcq.deploy info <file> [--rebuild]``: check a packed quantized SAM (format, version, checksum)
+and print what it holds; ``--rebuild`` also rebuilds the fake-quant model from it.
+
+``test_quant.py --pack`` writes the file (``quantized.npz`` in the run's ``--out``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from ahcq.deploy.packed import PackedFormatError, read_packed, unpack_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ahcq.deploy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="check a packed file and print what it holds")
+    info.add_argument("file", type=Path)
+    info.add_argument("--rebuild", action="store_true", help="also rebuild the fake-quant model")
+    args = p.parse_args(argv)
+    try:
+        manifest, blobs = read_packed(args.file)
+        if args.rebuild:
+            unpack_model(args.file)
+    except PackedFormatError as err:
+        print(f"python -m ahcq.deploy: error: {err}", file=sys.stderr)
+        return 1
+    bits = Counter(w["bits"] for w in manifest["weights"])
+    print(f"{args.file}: {manifest['format']} v{manifest['version']}, checksum ok, "
+          f"{args.file.stat().st_size} bytes")
+    print(f"recipe: {manifest['qconfig'].get('method') or 'unnamed'}, encoder "
+          f"{'quantized' if manifest['quant_encoder'] else 'float'}; architecture {manifest['spec']}")
+    print("weights: " + ", ".join(f"{n} layers at {b} bits" for b, n in sorted(bits.items())))
+    print("arrays: " + ", ".join(f"{name} {blob.nbytes} bytes" for name, blob in blobs.items()))
+    if args.rebuild:
+        print("rebuilt the fake-quant model")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
