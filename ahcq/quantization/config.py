@@ -329,10 +329,11 @@ _WEIGHT_DEFAULTS = {"quantizer": "adaround", "observer": "mse", "ch_axis": 0}
 
 @dataclass(frozen=True)
 class EarlyStopConfig:
-    """Stop a reconstruction unit when the loss has not improved by ``min_delta`` for ``patience`` checks."""
+    """End a reconstruction unit's warm-up when its smoothed loss has not improved by the fraction
+    ``min_delta`` of its best value for ``patience`` steps (losses of units differ by orders of magnitude)."""
 
     patience: int = _opt(500, _integer(1))
-    min_delta: float = _opt(0.0, _real(0.0))
+    min_delta: float = _opt(0.0, _real(0.0, 1.0, hi_open=True))
 
 
 @dataclass(frozen=True)

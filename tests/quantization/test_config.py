@@ -149,6 +149,8 @@ def test_unknown_keys_name_file_key_and_allowed(tmp_path: Path, text: str, key: 
         (A + "four\n" + W4, "a_qconfig.bit", "'four' is not allowed; expected an integer in 2..8"),
         (A + "true\n" + W4, "a_qconfig.bit", "True is not allowed; expected an integer in 2..8"),
         (MINIMAL + "recon:\n  drop_prob: 1.5\n", "recon.drop_prob", "expected a number in [0.0, 1.0]"),
+        (MINIMAL + "recon:\n  early_stop:\n    min_delta: 1\n", "recon.early_stop.min_delta",
+         "expected a number in [0.0, 1.0)"),
         (MINIMAL + "acnr:\n  target: mode\n", "acnr.target", "expected one of mean, median, midrange"),
         (MINIMAL + "pcc:\n  percentiles: [0.99, 0.9]\n", "pcc.percentiles", "strictly increasing"),
         (MINIMAL + "recon:\n  b_range: [2, 20]\n", "recon.b_range", "start >= end"),

@@ -13,7 +13,7 @@ from ahcq.quantization.api import NotFullyQuantizedError, assert_fully_quantized
 from ahcq.quantization.config import ConfigError, load_qconfig, parse_qconfig
 from ahcq.quantization.quantizers import AdaRoundQuantizer, CAGQuantizer, Mode, Role
 from ahcq.solver.recon import ReconSettings, reconstruct, units_from_names
-from ahcq.solver.recon.train import LossContext, _regroup, plateau_horizon
+from ahcq.solver.recon.train import LossContext, _Plateau, _regroup, plateau_horizon
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = ["blocks.0", "blocks.1", "blocks.2"]
@@ -206,8 +206,9 @@ def test_cag_regroups_without_restarting_the_lr_schedule():
 
 def test_early_stop_shrinks_the_whole_schedule_at_a_warm_up_plateau():
     model = make_model(cag=True)
-    # warm-up 4 of 40 steps; min_delta 1e9: the first value is the best, two idle updates make the plateau
-    settings = ReconSettings(**{**FAST, "iters": 40, "warm_up": 0.1, "patience": 2, "min_delta": 1e9})
+    # warm-up 4 of 40 steps; min_delta 0.5: the smoothed loss (EMA 0.9) cannot halve in two steps, so the
+    # first value stays the best and two idle updates make the plateau
+    settings = ReconSettings(**{**FAST, "iters": 40, "warm_up": 0.1, "patience": 2, "min_delta": 0.5})
     result = run(model, settings)
     horizon = 30  # plateau after 3 warm-up steps: 3 / 0.1 steps in all
     for report in result.reports:
@@ -222,13 +223,24 @@ def test_early_stop_shrinks_the_whole_schedule_at_a_warm_up_plateau():
 def test_early_stop_without_rounding_to_anneal_stops_and_still_reaches_the_final_groups():
     model = make_model(cag=True)
     settings = ReconSettings(**{**FAST, "iters": 40, "warm_up": 0.1, "weight": 0.0, "patience": 2,
-                                "min_delta": 1e9})
+                                "min_delta": 0.5})
     result = run(model, settings)
     for report in result.reports:
         assert report.stopped_early and report.steps == 3
         assert sorted(report.regroups) == sorted([(3, 16), (3, 8), (3, 4), (3, 2)] * 2)
     assert all(int(q.groups) == 2 for _, q in iter_quantizers(model) if isinstance(q, CAGQuantizer))
     assert_fully_quantized(model)
+
+
+def test_plateau_counts_improvements_relative_to_the_best_value():
+    plateau = _Plateau(patience=2, min_delta=0.1)
+    assert not plateau.update(100.0, watch=True)  # EMA 100, the best
+    assert not plateau.update(0.0, watch=True)  # EMA 90: exactly 10 % better, not more: idle 1
+    assert not plateau.update(0.0, watch=True)  # EMA 81 < 90: new best, idle 0
+    assert not plateau.update(81.0, watch=True)  # EMA 81: idle 1
+    assert plateau.update(81.0, watch=True)  # idle 2: plateau
+    unwatched = _Plateau(patience=1, min_delta=0.0)
+    assert not any(unwatched.update(v, watch=False) for v in (5.0, 5.0, 5.0))
 
 
 @pytest.mark.parametrize("done, iters, warm_up, expected", [(150, 5000, 0.2, 750), (1500, 5000, 0.2, 5000),

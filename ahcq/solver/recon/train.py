@@ -168,7 +168,7 @@ def _regroup(q: CAGQuantizer, groups: int, optimizer: torch.optim.Optimizer | No
 
 class _Plateau:
     """A plateau of the smoothed (EMA 0.9) reconstruction loss: ``patience`` watched updates without an
-    improvement of more than ``min_delta`` over the best value. ``patience=None`` never finds one."""
+    improvement below ``(1 - min_delta)`` times the best value. ``patience=None`` never finds one."""
 
     def __init__(self, patience: int | None, min_delta: float) -> None:
         self.patience, self.min_delta = patience, min_delta
@@ -180,7 +180,7 @@ class _Plateau:
         self.ema = value if math.isnan(self.ema) else 0.9 * self.ema + 0.1 * value
         if self.patience is None or not watch:
             return False
-        if self.ema < self.best - self.min_delta:
+        if self.ema < self.best * (1.0 - self.min_delta):
             self.best, self.wait = self.ema, 0
         else:
             self.wait += 1
