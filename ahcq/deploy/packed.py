@@ -18,6 +18,7 @@ fake-quant weight bit for bit, so the unpacked model's masks are the packed run'
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,7 +37,8 @@ from ahcq.deploy.codes import pack_codes, unpack_codes
 from ahcq.models.sam_checkpoint import SamSpec, sam_from_spec, spec_of_sam
 from ahcq.models.sam_quantize import quantize_sam
 from ahcq.quantization import api
-from ahcq.quantization.config import QConfig, parse_qconfig
+from ahcq.quantization.config import MixedConfig, QConfig, parse_qconfig
+from ahcq.quantization.mixed import Allocation, Budget, SiteKind
 from ahcq.quantization.quantizers import FixedQuantizer, Mode, Role
 from ahcq.quantization.quantizers.grid import GridQuantizer
 
@@ -121,6 +123,31 @@ def _pack_weight(name: str, module: nn.Module, writer: _Writer) -> dict[str, Any
     }
 
 
+def _allocation_record(allocation: Allocation | None) -> dict[str, Any] | None:
+    """A mixed-precision allocation in full (its sites' kinds too), so unpacking needs no sensitivity file."""
+    if allocation is None:
+        return None
+    return {"sites": [[site, kind.value, bits] for site, kind, bits in allocation.sites],
+            "average_bits": allocation.average_bits, "bops_bits": allocation.bops_bits,
+            "error": allocation.error}
+
+
+def _qconfig(manifest: dict[str, Any], source: str) -> QConfig:
+    """The packed run's config, its ``mixed`` section and allocation as recorded (not re-solved from the
+    sensitivity file, which need not travel with the packed file)."""
+    data = dict(manifest["qconfig"])
+    mixed = data.pop("mixed", None) or {}
+    qconfig = parse_qconfig(data, source=source)
+    record = manifest.get("allocation")
+    allocation = None if record is None else Allocation(
+        tuple((site, SiteKind(kind), bits) for site, kind, bits in record["sites"]), record["average_bits"],
+        record["bops_bits"], record["error"])
+    fields = {**mixed, "bits": tuple(mixed.get("bits", ())), "allocation": allocation}
+    if "budget" in fields:
+        fields["budget"] = Budget(fields["budget"])
+    return dataclasses.replace(qconfig, mixed=MixedConfig(**fields))
+
+
 def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
@@ -136,8 +163,6 @@ def _write_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def pack_model(sam: Sam, qconfig: QConfig, quant_encoder: bool, path: str | os.PathLike) -> dict[str, int]:
     """Write the calibrated, fully quantized ``sam`` to ``path``; returns its size and the float32 size of
     ``sam``'s parameters and buffers (``bytes``, ``fp32_bytes``)."""
-    if qconfig.mixed.allocation is not None:
-        raise PackedFormatError("packing a run with a mixed-precision allocation is not supported yet")
     api.assert_fully_quantized(sam)
     writer = _Writer()
     weights = [_pack_weight(name, module, writer) for name, module in _weight_layers(sam)]
@@ -152,7 +177,8 @@ def pack_model(sam: Sam, qconfig: QConfig, quant_encoder: bool, path: str | os.P
     blobs = writer.blobs()
     manifest = {"format": FORMAT, "version": VERSION, "sha256": _digest(blobs),
                 "spec": {**vars(spec), "global_attn_indexes": list(spec.global_attn_indexes)},
-                "qconfig": qconfig.to_dict(), "quant_encoder": quant_encoder, "weights": weights,
+                "qconfig": qconfig.to_dict(), "allocation": _allocation_record(qconfig.mixed.allocation),
+                "quant_encoder": quant_encoder, "weights": weights,
                 "tensors": tensors}
     blob = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
     path = Path(path)
@@ -191,7 +217,7 @@ def unpack_model(path: str | os.PathLike) -> tuple[Sam, QConfig, bool]:
     manifest, arrays = read_packed(path)
     fields = manifest["spec"]
     spec = SamSpec(**{**fields, "global_attn_indexes": tuple(fields["global_attn_indexes"])})
-    qconfig = parse_qconfig(manifest["qconfig"], source=str(path))
+    qconfig = _qconfig(manifest, str(path))
     sam = quantize_sam(sam_from_spec(spec), qconfig, manifest["quant_encoder"])
     restored = set()
     for w in manifest["weights"]:

@@ -275,10 +275,8 @@ def _prepare(opts: RunOptions) -> tuple[RunOptions, mmcv.Config, QConfig]:
     check_config_files(cfg, opts.config)
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {opts.device}: no CUDA device is available")
-    if opts.pack and (opts.fp_only or qconfig.mixed.allocation is not None):
-        raise UserError("--pack: " + ("--fp-only quantizes nothing to pack" if opts.fp_only else
-                                      f"{opts.q_config} allocates mixed precision, which packing does not "
-                                      "support yet"))
+    if opts.pack and opts.fp_only:
+        raise UserError("--pack: --fp-only quantizes nothing to pack")
     return opts, cfg, qconfig
 
 

@@ -14,6 +14,7 @@ from ahcq.deploy import PackedFormatError, pack_model, read_packed, unpack_model
 from ahcq.deploy.codes import pack_codes, packed_bytes, unpack_codes
 from ahcq.deploy.packed import take
 from ahcq.models import quantize_sam
+from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.quantization import api
 from ahcq.quantization.config import load_qconfig
 from ahcq.quantization.quantizers import Mode
@@ -143,3 +144,27 @@ def test_info_checks_the_file_and_says_what_it_holds(packed_file, tmp_path, caps
     broken.write_bytes(b"not a zip")
     assert main(["info", str(broken)]) == 1
     assert "truncated or damaged" in capsys.readouterr().err
+
+
+def test_a_mixed_precision_run_unpacks_to_its_allocation_without_the_sensitivity_file(tmp_path):
+    """The allocation travels in the packed file: float sites stay float, 6- and 8-bit sites keep their
+    width, and the outputs are the packed model's bit for bit."""
+    config = tmp_path / "mixed.yaml"
+    config.write_text(f"base: {REPO / 'exp/minmax/w4a4.yaml'}\nmixed:\n"
+                      f"  sensitivity: {REPO / 'exp/ours/sensitivity_testbed.json'}\n  float_sites: 1\n"
+                      "  bits: [4, 6, 8]\n  budget_bits: 5\n")
+    qconfig = load_qconfig(config)
+    torch.manual_seed(0)
+    sam = build_tiny_sam()  # the testbed's architecture, which the sensitivity file's sites name
+    inputs = batch(sam, n_boxes=3)
+    quantize_sam(sam, qconfig)
+    with torch.no_grad(), api.calibrating(sam):
+        sam(inputs, multimask_output=False)
+    switch_to_evaluation(sam)
+    pack_model(sam, qconfig, True, tmp_path / "model.npz")
+    unpacked, config_back, _ = unpack_model(tmp_path / "model.npz")
+    assert config_back.mixed.allocation == qconfig.mixed.allocation
+    widths = {q.bits for _, q in api.iter_quantizers(unpacked)}
+    assert {4, 6, 8} <= widths
+    for a, b in zip(_outputs(sam, inputs), _outputs(unpacked, inputs)):
+        assert torch.equal(a, b)
