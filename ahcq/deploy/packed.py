@@ -45,6 +45,7 @@ from ahcq.quantization.quantizers.grid import GridQuantizer
 __all__ = ["FORMAT", "VERSION", "PackedFormatError", "pack_model", "read_packed", "take", "unpack_model"]
 
 FORMAT, VERSION = "ahcq-packed", 1
+_MANIFEST_KEYS = ("sha256", "spec", "qconfig", "allocation", "quant_encoder", "weights", "tensors")
 
 
 class PackedFormatError(ValueError):
@@ -207,7 +208,10 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.n
     if manifest.get("version") != VERSION:
         raise PackedFormatError(f"{path}: {FORMAT} version {manifest.get('version')!r}; this ahcq reads "
                                 f"version {VERSION}")
-    if _digest(arrays) != manifest.get("sha256"):
+    absent = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if absent:
+        raise PackedFormatError(f"{path}: manifest lacks {absent}; not a complete {FORMAT} file")
+    if _digest(arrays) != manifest["sha256"]:
         raise PackedFormatError(f"{path}: checksum mismatch; the file is damaged")
     return manifest, arrays
 

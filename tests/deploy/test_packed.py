@@ -112,15 +112,18 @@ def test_damaged_truncated_foreign_and_other_version_files_are_refused(packed_fi
     with pytest.raises(PackedFormatError, match="checksum mismatch"):
         unpack_model(_rewrite(packed_file, tmp_path / "flipped.npz", flip))
 
-    def manifest_edit(**changes):
+    def manifest_edit(drop=(), **changes):
         def edit(arrays):
             manifest = {**json.loads(arrays["manifest"].tobytes()), **changes}
+            manifest = {k: v for k, v in manifest.items() if k not in drop}
             arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
         return edit
     with pytest.raises(PackedFormatError, match="version 2; this ahcq reads version 1"):
         unpack_model(_rewrite(packed_file, tmp_path / "v2.npz", manifest_edit(version=2)))
     with pytest.raises(PackedFormatError, match="not an ahcq-packed file"):
         unpack_model(_rewrite(packed_file, tmp_path / "other.npz", manifest_edit(format="other")))
+    with pytest.raises(PackedFormatError, match=r"manifest lacks \['weights'\]"):
+        unpack_model(_rewrite(packed_file, tmp_path / "partial.npz", manifest_edit(drop=("weights",))))
     with pytest.raises(PackedFormatError, match="no such packed file"):
         unpack_model(tmp_path / "absent.npz")
 
