@@ -37,8 +37,10 @@ def _offenders(folder: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("folder, forbidden", [
     ("ahcq/quantization", ("ahcq.models", "ahcq.solver", "ahcq.analysis", "ahcq.tables", "ahcq.hardware",
-                           "projects")),
-    ("ahcq/models", ("ahcq.solver", "ahcq.analysis", "ahcq.tables", "ahcq.hardware", "projects")),
+                           "ahcq.deploy", "projects")),
+    ("ahcq/models", ("ahcq.solver", "ahcq.analysis", "ahcq.tables", "ahcq.hardware", "ahcq.deploy",
+                     "projects")),
+    ("ahcq/deploy", ("ahcq.solver", "ahcq.analysis", "ahcq.tables", "ahcq.hardware", "projects")),
     ("ahcq", ("projects",)),
 ])
 def test_no_forbidden_arrow(folder: str, forbidden: tuple[str, ...]) -> None:
