@@ -17,7 +17,7 @@ import numpy as np
 
 from ahcq.data.shapes import CATEGORIES, TEXTURES, _shape_mask, _smooth_noise, _texture
 
-__all__ = ["Clip", "ClipSpec", "ClipObject", "draw_clip"]
+__all__ = ["Clip", "ClipObject", "ClipSpec", "bounce", "draw_clip"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ class _Motion:
     look: int  # seeds the object's shape and colours, redrawn identically every frame
 
 
-def _bounce(start: float, step: float, t: int, low: float, high: float) -> float:
+def bounce(start: float, step: float, t: int, low: float, high: float) -> float:
+    """Position after ``t`` steps of constant velocity, reflected off ``[low, high]``."""
     span = max(high - low, 1e-6)
     pos = (start - low + step * t) % (2 * span)
     return low + (pos if pos <= span else 2 * span - pos)
@@ -96,8 +97,8 @@ def _render(category: int, texture: int, m: _Motion, t: int, spec: ClipSpec, yy:
     frac = t / (spec.frames - 1)
     half = m.extent * float(np.exp(m.growth * frac)) / 2
     margin = half * 0.8
-    cx = _bounce(m.cx, m.vx, t, margin, spec.width - margin) if m.vx else m.cx
-    cy = _bounce(m.cy, m.vy, t, margin, spec.height - margin)
+    cx = bounce(m.cx, m.vx, t, margin, spec.width - margin) if m.vx else m.cx
+    cy = bounce(m.cy, m.vy, t, margin, spec.height - margin)
     rot = m.rot + m.spin * t
     dx, dy = (xx - cx) / half, (yy - cy) / half
     u, v = dx * np.cos(rot) + dy * np.sin(rot), -dx * np.sin(rot) + dy * np.cos(rot)

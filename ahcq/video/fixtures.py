@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ahcq.data.videos import bounce
 from ahcq.video.datasets import SAV_ANNOTATIONS, SAV_FRAMES, Layout, sorted_frames, write_masks
 
 LABELME_CLIP_DIR = Path("/usr/share/doc/labelme-examples/examples/video_annotation/data_annotated")
@@ -51,13 +52,6 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
         return (np.abs(u) <= r) & (np.abs(v) <= r * aspect)
     normals = [(np.cos(a), np.sin(a)) for a in (np.pi / 2 + k * 2 * np.pi / 3 for k in range(3))]
     return np.all([u * nx + v * ny <= r / 2 for nx, ny in normals], axis=0)
-
-
-def _bounce(start: float, step: float, t: int, low: float, high: float) -> float:
-    """Position after t steps of constant velocity, reflected off [low, high]."""
-    span = max(high - low, 1e-6)
-    pos = (start - low + step * t) % (2 * span)
-    return low + (pos if pos <= span else 2 * span - pos)
 
 
 def _background(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
@@ -100,8 +94,8 @@ def make_moving_shapes_clip(root: Path | str, layout: Layout | str, n_frames: in
         image, shapes = background.copy(), []
         for o in objects:
             r = o["r"] * (1 + 0.25 * np.sin(o["phase"] + 2 * np.pi * t / max(n_frames, 2)))
-            cy = _bounce(o["cy"], o["vy"], t, r, h - r)
-            cx = _bounce(o["cx"], o["vx"], t, r, w - r)
+            cy = bounce(o["cy"], o["vy"], t, r, h - r)
+            cx = bounce(o["cx"], o["vx"], t, r, w - r)
             mask = _shape_mask(o["kind"], yy, xx, cy, cx, r, o["aspect"], o["angle"] + o["spin"] * t)
             stripes = 35 * np.sin(o["freq"] * (xx + yy))[..., None]
             image[mask] = np.clip(o["color"] + stripes, 0, 255)[mask]

@@ -248,10 +248,10 @@ def reconstruct_unit(
     scales = scale_parameters(unit)
     opt_w = _adam(rounding, settings.weight_lr) if rounding else None
     opt_s = _adam(scales, settings.scale_lr) if scales else None
-    horizon = [settings.iters]  # the unit's step count; early stopping shortens it once
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt_s, lambda t: (1 + math.cos(math.pi * min(t, horizon[0]) / horizon[0])) / 2) if opt_s else None
+    # beta.iters is the unit's step count (early stopping shortens it once); the LR cosine reads it too
     beta = BetaSchedule(settings.iters, settings.b_range[0], settings.b_range[1], settings.warm_up)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt_s, lambda t: (1 + math.cos(math.pi * min(t, beta.iters) / beta.iters)) / 2) if opt_s else None
     anneals = bool(rounding) and settings.weight > 0 and settings.warm_up > 0
     regroups = _regroup_plan(unit, settings)
     masks, batches = stream(settings.seed, "qdrop", unit_index), stream(settings.seed, "batches", unit_index)
@@ -267,8 +267,8 @@ def reconstruct_unit(
     try:
         with dropping(unit.module, p, masks) if p > 0 else nullcontext():
             step = 0
-            while step < horizon[0]:
-                while regroups and _regroup_step(regroups[0][0], horizon[0]) <= step:
+            while step < beta.iters:
+                while regroups and _regroup_step(regroups[0][0], beta.iters) <= step:
                     _, q, groups = regroups.pop(0)
                     _regroup(q, groups, opt_s)
                     report.regroups.append((step, groups))
@@ -293,10 +293,9 @@ def reconstruct_unit(
                     report.stopped_early = True
                     if not anneals:
                         break
-                    horizon[0] = plateau_horizon(step, settings)
-                    beta = dataclasses.replace(beta, iters=horizon[0])
+                    beta = dataclasses.replace(beta, iters=plateau_horizon(step, settings))
                     plateau.patience = None  # the horizon is set once
-                    bar.total = horizon[0]
+                    bar.total = beta.iters
                     bar.refresh()
         for _, q, groups in regroups:
             _regroup(q, groups, None)
