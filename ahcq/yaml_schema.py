@@ -2,6 +2,8 @@
 run configs alike name the file, the dotted key and what is allowed in every error."""
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -64,3 +66,23 @@ def read_yaml(path: Path, shown: str | None = None, cls: type[Exception] = Schem
         line = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise cls(f"{shown}: {line}malformed YAML: {problem}") from None
+
+
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any) -> Any:
+    """``${VAR}`` / ``${VAR:-default}`` in the strings of a parsed YAML value, read from the environment."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) in os.environ:
+                return os.environ[m.group(1)]
+            if m.group(2) is None:
+                raise SchemaError(f"environment variable {m.group(1)} is not set and has no default")
+            return m.group(2)
+        return _ENV.sub(sub, value)
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    return value

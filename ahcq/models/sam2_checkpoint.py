@@ -32,6 +32,7 @@ __all__ = [
     "load_sam2",
     "reduced_overrides",
     "resolve_config",
+    "run_overrides",
 ]
 
 SAM2_CONFIGS: dict[str, str] = {
@@ -40,6 +41,7 @@ SAM2_CONFIGS: dict[str, str] = {
     "b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
     "l": "configs/sam2.1/sam2.1_hiera_l.yaml",
 }
+NO_FILL_HOLES = "++model.fill_hole_area=0"  # the hole filling needs sam2's CUDA extension: off everywhere
 _ALIASES = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
 
 
@@ -110,6 +112,13 @@ def reduced_overrides(
         f"{mem_enc}.fuser.layer.dim={d_model}",
         f"{mem_enc}.position_encoding.num_pos_feats={mem_dim}",
     ]
+
+
+def run_overrides(model: Mapping[str, Any]) -> list[str]:
+    """The hydra overrides of a video-run config's ``model`` section (``reduced``, ``overrides``), plus the
+    CPU-safe hole filling; training and evaluation both build from this, so they build the same model."""
+    reduced = model.get("reduced") or {}
+    return [*(reduced_overrides(**reduced) if reduced else []), *model.get("overrides", []), NO_FILL_HOLES]
 
 
 def build_sam2_model(

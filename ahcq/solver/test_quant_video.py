@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 from hydra.errors import HydraException
 
 from ahcq.models.sam2 import quantize_sam2
-from ahcq.models.sam2_checkpoint import build_sam2_model, load_sam2, reduced_overrides, resolve_config
+from ahcq.models.sam2_checkpoint import build_sam2_model, load_sam2, resolve_config, run_overrides
 from ahcq.models.sam2_roles import sam2_big_sites
 from ahcq.quantization.config import ConfigError, QConfig, ReconUnits, load_qconfig
 from ahcq.seeding import seed_everything
@@ -47,13 +46,11 @@ from ahcq.video import VOSReport, evaluate, read_dataset
 from ahcq.video.calibration import CalibrationClip, select_clips, track_clip
 from ahcq.video.fixtures import make_moving_shapes_clip
 from ahcq.video.propagation import TrackedPredictions, TrackOptions
-from ahcq.yaml_schema import SchemaError, bad_value, check_keys, read_yaml, require_mapping
+from ahcq.yaml_schema import SchemaError, bad_value, check_keys, expand_env, read_yaml, require_mapping
 
 logger = logging.getLogger("ahcq.solver.test_quant_video")
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = Path("projects/configs/sam2/demo_tiny.yaml")
-NO_FILL_HOLES = "++model.fill_hole_area=0"  # the hole filling needs sam2's CUDA extension: off everywhere
-_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 _SECTIONS = {
     "model": {"config", "checkpoint", "overrides", "reduced"},
     "dataset": {"root", "layout", "split", "generate"},
@@ -90,23 +87,6 @@ class VideoRunOptions:
     keep_state: bool = False
 
 
-def _expand(value: Any) -> Any:
-    """``${VAR}`` / ``${VAR:-default}`` in strings, from the environment."""
-    if isinstance(value, str):
-        def sub(m: re.Match) -> str:
-            if m.group(1) in os.environ:
-                return os.environ[m.group(1)]
-            if m.group(2) is None:
-                raise UserError(f"environment variable {m.group(1)} is not set and has no default")
-            return m.group(2)
-        return _ENV.sub(sub, value)
-    if isinstance(value, list):
-        return [_expand(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _expand(v) for k, v in value.items()}
-    return value
-
-
 def _read_config(config: str) -> tuple[dict[str, Any], str]:
     """The run config as a dict (a YAML of ours, or a sam2 config name with nothing else), and its name."""
     path = Path(config)
@@ -119,7 +99,10 @@ def _read_config(config: str) -> tuple[dict[str, Any], str]:
                 check_keys(source, key, require_mapping(source, key, value), sorted(_SECTIONS[key]))
         except SchemaError as err:
             raise UserError(str(err)) from None
-        return _expand(data), source
+        try:
+            return expand_env(data), source
+        except SchemaError as err:
+            raise UserError(f"{source}: {err}") from None
     try:
         resolve_config(config)
     except ValueError as err:
@@ -246,8 +229,7 @@ def _build(cfg: dict[str, Any], seed: int, device: torch.device) -> tuple[torch.
     """The video predictor on ``device`` and the hydra overrides it was built with."""
     model = cfg["model"]
     try:
-        overrides = [*(reduced_overrides(**model["reduced"]) if model.get("reduced") else []),
-                     *model.get("overrides", []), NO_FILL_HOLES]
+        overrides = run_overrides(model)
         if model.get("checkpoint") is None:
             torch.manual_seed(seed)
             logger.warning("model.checkpoint is null: randomly initialised SAM2 (demo numbers only)")
