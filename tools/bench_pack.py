@@ -24,7 +24,8 @@ from ahcq.quantization.config import load_qconfig
 from ahcq.solver.calibration import switch_to_evaluation
 
 
-def _calibrate(sam: torch.nn.Module) -> None:
+def calibrate_random(sam: torch.nn.Module) -> None:
+    """Calibrate every quantizer of ``sam`` on one seeded random image with two boxes; then evaluation."""
     g = torch.Generator().manual_seed(0)
     size = sam.image_encoder.img_size
     box = torch.tensor([[0.1, 0.1, 0.6, 0.7], [0.3, 0.2, 0.9, 0.8]]) * size
@@ -41,7 +42,7 @@ def measure(name: str, sam: torch.nn.Module, q_config: Path, tmp: Path) -> dict[
     torch.save(sam.state_dict(), fp32)
     qconfig = load_qconfig(q_config)
     quantize_sam(sam, qconfig, quant_encoder=True)
-    _calibrate(sam)
+    calibrate_random(sam)
     packed = tmp / f"{name}.npz"
     pack_model(sam, qconfig, True, packed)
     _, blobs = read_packed(packed)

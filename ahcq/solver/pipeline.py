@@ -32,6 +32,8 @@ from mmdet.models import build_detector
 
 import ahcq
 from ahcq.deploy import pack_model
+from ahcq.deploy.onnx_export import OPSET, OnnxExportError, check_exportable, export_onnx
+from ahcq.deploy.onnx_runtime import graph_ops, running_in_onnxruntime
 from ahcq.models.sam_quantize import quantize_sam
 from ahcq.models.sam_roles import big_sites
 from ahcq.models.sam_runner import decode_boxes
@@ -64,6 +66,8 @@ DEFAULT_QCONFIG = Path("exp/config44.yaml")
 MAX_MESSAGE = 600
 PROGRESS = "progress.json"
 PACKED_FILE = "quantized.npz"
+ONNX_DIR = "onnx"
+BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -88,6 +92,7 @@ class RunOptions:
     overwrite: bool = False
     keep_state: bool = False
     pack: bool = False
+    backend: str = "torch"
     cfg_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -178,13 +183,22 @@ def calibration_choice(qconfig: QConfig, population: int, calib_images: int | No
     return calibration_indices(qconfig.seed, population, n) if n else []
 
 
-def sam_ptq(sam: Any, *, quant_encoder: bool, box_chunk: int, max_boxes: int, device: torch.device
-            ) -> PTQModel:
+def sam_ptq(sam: Any, *, quant_encoder: bool, box_chunk: int, max_boxes: int, device: torch.device,
+            exportable: bool = False) -> PTQModel:
     """SAM in the PTQ recipe: ``max_boxes`` prompts per calibration image (decoded ``box_chunk`` at a time)
-    for calibration and reconstruction; BIG on SAM's token->image attentions over ``BIG_IMAGES`` images."""
+    for calibration and reconstruction; BIG on SAM's token->image attentions over ``BIG_IMAGES`` images.
+    ``exportable``: refuse, before calibrating, a recipe whose quantizers ONNX cannot express."""
+    def quantize(qconfig: QConfig) -> None:
+        quantize_sam(sam, qconfig, quant_encoder=quant_encoder)
+        if exportable:
+            try:
+                check_exportable(sam)
+            except OnnxExportError as err:
+                raise UserError(f"--backend onnxruntime: {err}") from None
+
     return PTQModel(
         model=sam,
-        quantize=lambda qconfig: quantize_sam(sam, qconfig, quant_encoder=quant_encoder),
+        quantize=quantize,
         forward=functools.partial(sam_forward, sam, box_chunk=box_chunk, max_boxes=max_boxes),
         big_sites=lambda: big_sites(sam),
         big_samples=BIG_IMAGES,
@@ -228,7 +242,7 @@ def _quantize(model: Any, cache: FeatureCache, calib_keys: Sequence[str], qconfi
         cached = cache.load(sam, key)
         samples.append(CalibSample(cached, None if opts.quant_encoder else cache.embedding(sam, cached)))
     ptq = sam_ptq(sam, quant_encoder=opts.quant_encoder, box_chunk=model.box_chunk,
-                  max_boxes=opts.calib_max_boxes, device=device)
+                  max_boxes=opts.calib_max_boxes, device=device, exportable=opts.backend == "onnxruntime")
     return run_ptq(ptq, samples, qconfig, staging / "recon_state")
 
 
@@ -261,6 +275,7 @@ def _identity(cfg: mmcv.Config, opts: RunOptions, qconfig: QConfig, model: Any, 
         "device": str(device),
         "code": code_version(),
         **({"pack": True} if opts.pack else {}),
+        **({"backend": opts.backend} if opts.backend != "torch" else {}),
     }
 
 
@@ -277,6 +292,13 @@ def _prepare(opts: RunOptions) -> tuple[RunOptions, mmcv.Config, QConfig]:
         raise UserError(f"--device {opts.device}: no CUDA device is available")
     if opts.pack and opts.fp_only:
         raise UserError("--pack: --fp-only quantizes nothing to pack")
+    if opts.backend not in BACKENDS:
+        raise UserError(f"--backend {opts.backend}: choose one of {', '.join(BACKENDS)}")
+    if opts.backend == "onnxruntime" and opts.fp_only:
+        raise UserError("--backend onnxruntime: --fp-only quantizes nothing to export")
+    if opts.backend == "onnxruntime" and opts.device != "cpu":
+        raise UserError("--backend onnxruntime: the exported graphs run on ONNX Runtime's CPU provider; "
+                        "use --device cpu")
     return opts, cfg, qconfig
 
 
@@ -366,6 +388,10 @@ def _work(opts: RunOptions, cfg: mmcv.Config, qconfig: QConfig, model: Any, devi
             sizes = pack_model(model.sam, qconfig, bool(opts.quant_encoder), staging / PACKED_FILE)
             results["packed"] = {"file": PACKED_FILE, **sizes}
             timer.stage("pack")
+        if opts.backend == "onnxruntime":
+            results["onnxruntime"], results["onnx"] = _evaluate_onnxruntime(model, opts, eval_set, cache,
+                                                                            eval_keys, staging)
+            timer.stage("onnxruntime")
     results.update(
         config={"path": str(opts.config), "text_sha256": hashlib.sha256(cfg.text.encode()).hexdigest(),
                 "resolved_sha256": hashlib.sha256(config_blob.encode()).hexdigest(),
@@ -385,6 +411,24 @@ def _work(opts: RunOptions, cfg: mmcv.Config, qconfig: QConfig, model: Any, devi
     )
     results["timings_s"]["total"] = round(sum(timer.times.values()), 3)
     return results
+
+
+def _evaluate_onnxruntime(model: Any, opts: RunOptions, eval_set: Any, cache: FeatureCache,
+                          eval_keys: Sequence[str], staging: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Export the quantized SAM to ONNX in ``staging`` and evaluate it in ONNX Runtime: (metrics, what
+    the files are: size and quantization operators of each)."""
+    import onnxruntime
+
+    try:
+        files = export_onnx(model.sam, staging / ONNX_DIR, bool(opts.quant_encoder))
+    except OnnxExportError as err:
+        raise UserError(f"--backend onnxruntime: {err}") from None
+    with running_in_onnxruntime(model.sam, files, torch.get_num_threads()):
+        metrics = evaluate(model, eval_set, cache, eval_keys, staging, "onnxruntime", not opts.quant_encoder)
+    described = {part: {"file": f"{ONNX_DIR}/{path.name}", "bytes": path.stat().st_size,
+                        "ops": graph_ops(path)} for part, path in files.items()}
+    return metrics, {"files": described, "opset": OPSET, "onnxruntime": onnxruntime.__version__,
+                     "provider": "CPUExecutionProvider"}
 
 
 def _read_progress(staging: Path) -> dict[str, Any]:

@@ -54,12 +54,14 @@ def _cell(value: float | None) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """Float vs quantized COCO AP (x100) side by side, with the difference."""
-    fp, quant = results.get("fp"), results.get("quant")
-    lines = [f"{'metric':<14}{'float':>8}{'quant':>8}{'delta':>8}"]
+    """Float vs quantized COCO AP (x100) side by side, with the difference; the quantized model's numbers in
+    ONNX Runtime in a last column when the run evaluated it there (``--backend onnxruntime``)."""
+    fp, quant, ort = results.get("fp"), results.get("quant"), results.get("onnxruntime")
+    lines = [f"{'metric':<14}{'float':>8}{'quant':>8}{'delta':>8}" + (f"{'onnxrt':>8}" if ort else "")]
     for key in _ROWS:
         a = fp.get(key) if fp else None
         b = quant.get(key) if quant else None
         delta = b - a if a is not None and b is not None else None
-        lines.append(f"{key:<14}{_cell(a):>8}{_cell(b):>8}{_cell(delta):>8}")
+        extra = f"{_cell(ort.get(key)):>8}" if ort else ""
+        lines.append(f"{key:<14}{_cell(a):>8}{_cell(b):>8}{_cell(delta):>8}{extra}")
     return "\n".join(lines)

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", action="store_true",
                    help="also write the quantized model as one packed integer file, quantized.npz in --out "
                         "(python -m ahcq.deploy info|unpack reads it)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="onnxruntime: also export the quantized model to ONNX (onnx/ in --out) and evaluate "
+                        "it in ONNX Runtime beside the fake-quant model (uniform and CAG recipes)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--fp-only", action="store_true", help="evaluate the float model only")
     mode.add_argument("--skip-fp", action="store_true", help="do not evaluate the float model")
@@ -72,7 +75,8 @@ def _options(args: argparse.Namespace) -> Any:
         quant_encoder=args.quant_encoder, seed=args.seed, device=args.device,
         calib_images=args.calib_images, calib_max_boxes=args.calib_max_boxes, limit=args.limit,
         fp_only=args.fp_only, skip_fp=args.skip_fp, recon_iters=args.recon_iters, overwrite=args.overwrite,
-        keep_state=args.keep_state, pack=args.pack, cfg_options=dict(args.cfg_options),
+        keep_state=args.keep_state, pack=args.pack, backend=args.backend,
+        cfg_options=dict(args.cfg_options),
     )
 
 

@@ -186,7 +186,8 @@ def shapes(tmp_path_factory, ckpt) -> dict:
         CountingGTBoxPrompt.calls = 0
         runs["fp"] = _run(["--fp-only", "--out", str(root / "fp"), *base])
         calls_after_fp = CountingGTBoxPrompt.calls
-        runs["w8a8"] = _run(["--q_config", str(_w8a8(root)), "--out", str(root / "w8a8"), *base])
+        runs["w8a8"] = _run(["--q_config", str(_w8a8(root)), "--backend", "onnxruntime", "--out",
+                             str(root / "w8a8"), *base])
         calls_after_w8a8 = CountingGTBoxPrompt.calls
         runs["w4a4"] = _run(["--q_config", str(_config44(root)), "--quant-encoder", "--skip-fp", "--pack",
                              "--out", str(root / "w4a4"), *base])
@@ -311,3 +312,32 @@ def test_second_run_reuses_cached_prompts(shapes):
     assert shapes["runs"]["w4a4"]["cache"] | {"dir": None} == {
         "dir": None, "calib": "hit", "eval": "hit", "prepared": 0}
 
+
+
+def test_onnxruntime_backend_evaluates_the_exported_model_beside_the_fake_quant_one(shapes):
+    run, folder = shapes["runs"]["w8a8"], shapes["w8a8_dir"]
+    assert run["identity"]["backend"] == "onnxruntime"
+    assert abs(run["onnxruntime"]["segm_mAP"] - run["quant"]["segm_mAP"]) <= 0.5
+    decoder = run["onnx"]["files"]["mask_decoder"]
+    assert decoder["ops"]["MatMulInteger"] > 0
+    assert (folder / decoder["file"]).stat().st_size == decoder["bytes"]
+    assert ("image_encoder" in run["onnx"]["files"]) == run["quant_encoder"]  # exported when quantized
+    quant, runtime = _masks(folder / "quant.segm.json"), _masks(folder / "onnxruntime.segm.json")
+    assert len(quant) == len(runtime) > 0
+    assert np.mean([_iou(a, b) for a, b in zip(quant, runtime)]) >= 0.98
+
+
+def test_onnxruntime_backend_refuses_a_recipe_onnx_cannot_express_before_calibrating(shapes, ckpt,
+                                                                                      monkeypatch):
+    root = shapes["root"]
+    monkeypatch.setenv("AHCQ_DEMO_ROOT", str(root / "demo"))
+    monkeypatch.setenv("AHCQ_CKPT_DIR", str(ckpt.parent))
+    args = ["--config", str(REPO / "projects/configs/demo/tiny_sam_oracle.py"), "--cache-dir",
+            str(root / "cache"), "--calib-images", "2", "--cfg-options", *_size_options(), "--q_config",
+            str(REPO / "exp/ahcptq/w4a4.yaml"), "--backend", "onnxruntime", "--skip-fp", "--out",
+            str(root / "refused")]
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(io.StringIO()):
+        main(args)
+    message = str(exc.value.code)
+    assert "--backend onnxruntime" in message and "HLUQ" in message and "exp/deploy/" in message
+    assert not (root / "refused" / "results.json").exists()

@@ -121,3 +121,9 @@ def test_script_exits_nonzero_without_traceback(tmp_path: Path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_onnxruntime_backend_needs_a_quantized_model_on_cpu(demo_env: Path):
+    base = ["--config", str(DEMO), "--backend", "onnxruntime", "--out", str(demo_env / "out"),
+            "--cfg-options", *SIZE_OPTIONS]
+    _fails(["--fp-only", *base], "--backend onnxruntime", "--fp-only")
