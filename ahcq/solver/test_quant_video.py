@@ -82,6 +82,7 @@ class VideoRunOptions:
     calib_frames: int | None = None
     limit: int | None = None
     fp_only: bool = False
+    skip_fp: bool = False
     recon_iters: int | None = None
     overwrite: bool = False
     keep_state: bool = False
@@ -307,6 +308,7 @@ def _identity(cfg: dict[str, Any], opts: VideoRunOptions, qconfig: QConfig | Non
         "qconfig": digest({**qconfig.to_dict(), **qconfig.derived()}) if qconfig is not None else None,
         "calibration": [(c.sample.name, c.frames) for c in clips],
         "tracking": dataclasses.asdict(options),
+        "evaluations": "fp" if opts.fp_only else "quant" if opts.skip_fp else "fp+quant",
         "seed": seed,
         "threads": torch.get_num_threads(),
         "device": str(device),
@@ -356,7 +358,8 @@ def _run(opts: VideoRunOptions) -> dict[str, Any]:
     if resumed:
         logger.info("resuming the interrupted run kept in %s", staging)
     try:
-        fp, quant, calib_report = _work(predictor, qconfig, samples, clips, options, timer, staging)
+        fp, quant, calib_report = _work(predictor, qconfig, samples, clips, options, timer, staging,
+                                        not opts.skip_fp)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; run the same command again to resume (state kept in {staging})") \
             from None
@@ -377,18 +380,21 @@ def _run(opts: VideoRunOptions) -> dict[str, Any]:
 
 
 def _work(predictor: torch.nn.Module, qconfig: QConfig | None, samples: list, clips: list,
-          options: TrackOptions, timer: dict[str, float], staging: Path
-          ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
-    """Float evaluation (kept from an interrupted run when it finished), then quantize and evaluate."""
+          options: TrackOptions, timer: dict[str, float], staging: Path, with_fp: bool = True
+          ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """Float evaluation (unless ``with_fp`` is off; kept from an interrupted run when it finished), then
+    quantize and evaluate."""
     progress_file = staging / "progress.json"
-    try:
-        fp = json.loads(progress_file.read_text())["fp"]
-        logger.info("float evaluation: kept from the interrupted run")
-    except (OSError, ValueError, KeyError):
-        start = time.perf_counter()
-        fp = _evaluate(predictor, samples, options).as_dict()
-        timer["fp_eval"] = time.perf_counter() - start
-        write_json(progress_file, {"fp": fp})
+    fp = None
+    if with_fp:
+        try:
+            fp = json.loads(progress_file.read_text())["fp"]
+            logger.info("float evaluation: kept from the interrupted run")
+        except (OSError, ValueError, KeyError):
+            start = time.perf_counter()
+            fp = _evaluate(predictor, samples, options).as_dict()
+            timer["fp_eval"] = time.perf_counter() - start
+            write_json(progress_file, {"fp": fp})
     quant, calib_report = None, None
     if qconfig is not None:
         calib_report = _quantize(predictor, qconfig, clips, options, timer, staging)
@@ -425,7 +431,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-frames", type=positive,
                    help="tracked frames K per calibration video (default: the YAML's, or calibrate / N)")
     p.add_argument("--limit", type=positive, help="evaluate only the first N videos")
-    p.add_argument("--fp-only", action="store_true", help="evaluate the float model only")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--fp-only", action="store_true", help="evaluate the float model only")
+    mode.add_argument("--skip-fp", action="store_true", help="do not evaluate the float model")
     return p
 
 
@@ -439,7 +447,7 @@ def _options(args: argparse.Namespace) -> VideoRunOptions:
         config=config, q_config=args.q_config, out=out, checkpoint=args.checkpoint, data_root=args.data_root,
         layout=args.layout, split=args.split, seed=args.seed, device=args.device,
         calib_videos=args.calib_videos, calib_frames=args.calib_frames, limit=args.limit,
-        fp_only=args.fp_only, recon_iters=args.recon_iters, overwrite=args.overwrite,
+        fp_only=args.fp_only, skip_fp=args.skip_fp, recon_iters=args.recon_iters, overwrite=args.overwrite,
         keep_state=args.keep_state,
     )
 

@@ -253,3 +253,11 @@ def test_full_ahcq_sam_preset_with_short_reconstruction(setup, tmp_path) -> None
     assert r["q_config"]["lnq"]["alphas"] == [0.001, 0.1, 1, 5, 10, 20, 50, 100, 200]
     assert all(u["steps"] == 50 for u in r["calibration"]["reconstruction"]["report"]["units"])
     assert all(math.isfinite(r["quant"][k]) for k in METRICS)
+
+
+def test_skip_fp_quantizes_the_same_model_without_the_float_evaluation(setup, quant_results,
+                                                                       tmp_path) -> None:
+    r = _run(setup, tmp_path / "skip", "--q_config", str(setup["qconfig"]), "--seed", "3", "--skip-fp")
+    assert r["fp"] is None and r["identity"]["evaluations"] == "quant"
+    assert r["quant"] == quant_results["quant"]
+    assert "fp_eval" not in r["timings_s"]
