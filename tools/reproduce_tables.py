@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -56,13 +57,18 @@ def _option(key: str, value: object) -> str:
 
 
 def cell_argv(cell: Cell, root: Path, threads: int | None) -> list[str]:
-    """test_quant.py arguments of ``cell`` (its q_config file must be written first)."""
+    """test_quant.py (test_quant_video.py for a video model) arguments of ``cell`` (its q_config file must
+    be written first)."""
     out = cell.out_dir(root)
     argv = ["--config", str(cell.model.config), "--q_config", str(_beside(out, ".yaml")), "--out", str(out),
-            "--cache-dir", str(root / "cache"), "--fp-only" if cell.kind == "fp" else "--skip-fp"]
+            "--fp-only" if cell.kind == "fp" else "--skip-fp"]
     run = cell.run
-    argv += ["--quant-encoder"] if run.get("quant_encoder") else []
-    for key in ("seed", "limit", "calib_images", "calib_max_boxes"):
+    keys: tuple[str, ...] = ("seed", "limit")
+    if not cell.model.video:
+        argv += ["--cache-dir", str(root / "cache")]
+        argv += ["--quant-encoder"] if run.get("quant_encoder") else []
+        keys += ("calib_images", "calib_max_boxes")
+    for key in keys:
         if run.get(key) is not None:
             argv += [f"--{key.replace('_', '-')}", str(run[key])]
     argv += ["--threads", str(threads)] if threads else []
@@ -86,12 +92,15 @@ def is_complete(cell: Cell, root: Path) -> bool:
         return False
 
 
-def _run_inprocess(argv: list[str], log: Path) -> str | None:
+def _cli(cell: Cell) -> str:
+    """The module that runs ``cell``."""
+    return "ahcq.solver.test_quant_video" if cell.model.video else "ahcq.solver.test_quant"
+
+
+def _run_inprocess(module: str, argv: list[str], log: Path) -> str | None:
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
-            from ahcq.solver.test_quant import main
-
-            main(argv)
+            importlib.import_module(module).main(argv)
         except SystemExit as err:
             return None if err.code in (0, None) else str(err.code)
         except Exception as err:  # a broken cell must not stop the grid; the traceback goes to its log
@@ -100,9 +109,9 @@ def _run_inprocess(argv: list[str], log: Path) -> str | None:
     return None
 
 
-def _run_subprocess(argv: list[str], log: Path) -> str | None:
+def _run_subprocess(module: str, argv: list[str], log: Path) -> str | None:
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "ahcq.solver.test_quant", *argv], stdout=f,
+        proc = subprocess.run([sys.executable, "-m", module, *argv], stdout=f,
                               stderr=subprocess.STDOUT, check=False)
     if proc.returncode == 0:
         return None
@@ -116,7 +125,7 @@ def run_cell(cell: Cell, root: Path, threads: int | None, inprocess: bool) -> st
     out.parent.mkdir(parents=True, exist_ok=True)
     _beside(out, ".yaml").write_text(cell.q_config_text)
     argv = cell_argv(cell, root, threads)
-    error = (_run_inprocess if inprocess else _run_subprocess)(argv, _beside(out, ".log"))
+    error = (_run_inprocess if inprocess else _run_subprocess)(_cli(cell), argv, _beside(out, ".log"))
     if error is None and not is_complete(cell, root):
         error = "finished without a complete results.json"
     return error
@@ -132,8 +141,10 @@ def _write(path: Path, text: str) -> None:
 
 def _render(spec: Spec, only: list[str] | None, root: Path, failed: dict[str, str]) -> dict[str, str]:
     plans, cells = plan_tables(spec, only)
-    values = {key: v for key, cell in cells.items() if (v := cell_value(cell, root, spec.metric)) is not None}
-    out = {p.name: render_plan(p, values, set(failed)) for p in plans}
+    out = {}
+    for p in plans:
+        values = {k: v for k, cell in cells.items() if (v := cell_value(cell, root, p.metric)) is not None}
+        out[p.name] = render_plan(p, values, set(failed))
     for t in spec.tables:
         if t.kind is TableKind.REGISTERS and (not only or t.name in only):
             out[t.name] = render_registers(t, bool(spec.run.get("quant_encoder")))

@@ -61,7 +61,6 @@ _UNSUPPORTED = (
     ("pcc.enabled", lambda q: q.pcc.enabled),
     ("par.enabled", lambda q: q.par.enabled),
     ("attention.rel_pos_float_q", lambda q: q.attention.rel_pos_float_q),
-    ("recon.act_quant false", lambda q: q.recon.enabled and not q.recon.act_quant),
 )
 
 

@@ -1,4 +1,5 @@
-"""Table spec (YAML) -> the cells it needs: one ``test_quant.py`` run each, cached by its parameters.
+"""Table spec (YAML) -> the cells it needs: one ``test_quant.py`` run each (``test_quant_video.py`` for a
+model whose config is a video-run YAML), cached by its parameters.
 
 A cell's folder is named by a hash of everything its result depends on (model config, config overrides,
 run options and, for a quantized cell, the *resolved* quantization config), so any change to a preset or
@@ -21,7 +22,7 @@ from typing import Any
 import yaml
 
 from ahcq.quantization.config import ConfigError, load_qconfig
-from ahcq.yaml_schema import SchemaError, bad_value, check_keys, read_yaml, require_mapping
+from ahcq.yaml_schema import SchemaError, bad_value, check_keys, expand_env, read_yaml, require_mapping
 
 __all__ = ["Cell", "ModelSpec", "Plan", "Ref", "Spec", "SpecError", "TableKind", "TableSpec", "load_spec",
            "plan_tables"]
@@ -50,12 +51,14 @@ class SpecError(SchemaError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A column group: an mmdet config (model x prompt source) and its ``--cfg-options``."""
+    """A column group: an mmdet config (model x prompt source) and its ``--cfg-options``, or a video-run
+    YAML (``.yaml``: SAM2 on video clips, run by ``test_quant_video.py``; no cfg_options)."""
 
     name: str
     label: str
     config: Path
     cfg_options: dict[str, Any]
+    video: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class TableSpec:
     rows: list[RowSpec] = field(default_factory=list)
     grid_axes: list[tuple[str, str, list[Any]]] = field(default_factory=list)
     as_list: bool = False
+    metric: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -139,6 +143,7 @@ class Plan:
     caption: str
     header: list[str]
     rows: list[list[str | Ref]] = field(default_factory=list)
+    metric: str = "segm_mAP"
 
 
 def _digest(payload: Any) -> str:
@@ -195,11 +200,14 @@ class _Cells:
 def _checkpoint_stamp(model: ModelSpec) -> tuple[str, int, int] | None:
     """Path, size and mtime of the SAM checkpoint: retrained weights make new cells, not stale cache hits."""
     try:
-        import mmcv
+        if model.video:
+            ckpt = Path(expand_env(read_yaml(model.config))["model"]["checkpoint"])
+        else:
+            import mmcv
 
-        cfg = mmcv.Config.fromfile(str(model.config))
-        cfg.merge_from_dict(model.cfg_options)
-        ckpt = Path(cfg.model.sam.checkpoint)
+            cfg = mmcv.Config.fromfile(str(model.config))
+            cfg.merge_from_dict(model.cfg_options)
+            ckpt = Path(cfg.model.sam.checkpoint)
         stat = ckpt.stat()
     except Exception:  # a bad config or a missing checkpoint fails in its cell, with test_quant's message
         return None
@@ -281,6 +289,8 @@ def plan_tables(spec: Spec, only: list[str] | None = None) -> tuple[list[Plan], 
     cells = _Cells(spec)
     chosen = [t for t in spec.tables if t.kind in _BUILDERS and (not only or t.name in only)]
     plans = [_BUILDERS[t.kind](cells, t) for t in chosen]
+    for plan, table in zip(plans, chosen):
+        plan.metric = table.metric or spec.metric
     return plans, cells.cells
 
 
@@ -365,7 +375,11 @@ def _models(r: _Reader, data: Any) -> dict[str, ModelSpec]:
         opts = m.get("cfg_options", {})
         if not isinstance(opts, dict):
             raise r.fail(f"models.{name}.cfg_options", "a mapping of mmdet config keys to values", opts)
-        out[name] = ModelSpec(name, str(m.get("label", name)), config, dict(opts))
+        video = config.suffix in (".yaml", ".yml")
+        if video and opts:
+            raise r.fail(f"models.{name}.cfg_options", "absent for a video-run YAML (set keys in the YAML)",
+                         opts)
+        out[name] = ModelSpec(name, str(m.get("label", name)), config, dict(opts), video)
     return out
 
 
@@ -384,7 +398,7 @@ def _run(r: _Reader, data: Any) -> dict[str, Any]:
 
 
 _TABLE_KEYS = ("name", "kind", "caption", "models", "bits", "method", "methods", "fp_row", "components",
-               "disabled", "rows", "row", "col", "as_list", "archs", "groups", "scale_bits")
+               "disabled", "rows", "row", "col", "as_list", "archs", "groups", "scale_bits", "metric")
 
 
 def _table(r: _Reader, data: Any, i: int, models: dict[str, ModelSpec]) -> TableSpec:
@@ -398,6 +412,10 @@ def _table(r: _Reader, data: Any, i: int, models: dict[str, ModelSpec]) -> Table
                   models=r.items(data.get("models", list(models)), f"{where}.models", str),
                   bits=r.items(data.get("bits", [4]), f"{where}.bits", int), fp_row=bool(data.get("fp_row")),
                   raw=data)
+    if "metric" in data:
+        if not isinstance(data["metric"], str):
+            raise r.fail(f"{where}.metric", "a results key (segm_mAP, official/J&F, ...)", data["metric"])
+        t.metric = data["metric"]
     for m in t.models:
         if m not in models and kind is not TableKind.REGISTERS:
             raise r.fail(f"{where}.models", f"names among {', '.join(models)}", m)

@@ -261,3 +261,27 @@ def test_skip_fp_quantizes_the_same_model_without_the_float_evaluation(setup, qu
     assert r["fp"] is None and r["identity"]["evaluations"] == "quant"
     assert r["quant"] == quant_results["quant"]
     assert "fp_eval" not in r["timings_s"]
+
+
+def test_brecq_reconstructs_sam2_with_float_activations(setup, tmp_path, monkeypatch) -> None:
+    """recon.act_quant false (BRECQ's reference): every unit trains with its activation quantizers off and
+    its weights quantized; the evaluated model has them all on again."""
+    from ahcq.quantization.quantizers import Mode, Role
+    from ahcq.solver.recon import train as recon_loop
+
+    brecq = tmp_path / "brecq.yaml"
+    brecq.write_text(yaml.safe_dump({"base": str(REPO / "exp" / "brecq" / "w4a4.yaml"), "calibrate": 2,
+                                     "recon": {"iters": 2, "units": "blocks"}}))
+    real, seen = recon_loop.reconstruct_unit, []
+
+    def record(unit, *a, **k):
+        seen.append({(q.role is Role.WEIGHT, q.mode) for q in unit.quantizers})
+        return real(unit, *a, **k)
+
+    monkeypatch.setattr("ahcq.solver.recon.sam2.reconstruct_unit", record)
+    r = _run(setup, tmp_path / "out", "--q_config", str(brecq), "--skip-fp")
+    assert len(seen) == len(r["calibration"]["reconstruction"]["report"]["unit_names"]) > 10
+    assert all(s <= {(True, Mode.QUANTIZE), (False, Mode.OFF)} for s in seen)
+    assert any((False, Mode.OFF) in s for s in seen)
+    assert r["q_config"]["recon"]["act_quant"] is False
+    assert all(math.isfinite(r["quant"][k]) for k in METRICS)

@@ -256,7 +256,7 @@ def test_register_counts_match_hand_counts(tmp_path):
     ("demo", 7 * 2 * 3 + 1 + (8 - 1) * 3, 2), ("fidelity", 13, 5), ("coco", 12 * 7 * 3 + 12, 4),
     ("ablation", 8 * 3, 1), ("hluq_grid", 2 * 3 + 9 * 7, 2),
     ("cag_groups", 6 * 3, 1), ("cag_weights", 2 * 3, 1), ("budget", 5 * 3, 1), ("mixed", 2 * 3 + 5 * 3, 2),
-    ("ours", 2 * 3, 1)])
+    ("ours", 2 * 3, 1), ("video", 1 + 4 * 2 * 3, 2)])
 def test_shipped_specs_plan(name, cells, tables):
     plans, planned = plan_tables(load_spec(REPO / "exp" / "tables" / f"{name}.yaml"))
     assert len(planned) == cells and len(plans) == tables
@@ -290,3 +290,44 @@ def test_seeds_give_one_cell_each_and_render_mean_and_std(demo_env, tmp_path):
     spec.write_text(yaml.safe_dump(bad))
     with pytest.raises(SystemExit, match="run.seeds"):
         tool.main(["--spec", str(spec), "--dry-run"])
+
+
+def test_video_models_run_test_quant_video_cells_with_a_metric_per_table(tmp_path):
+    """A video-run YAML as a model: its cells are test_quant_video.py runs (float once, quantized with
+    --skip-fp), and each table shows the metric it names, read from the cells' own results.json."""
+    from ahcq.models.sam2_checkpoint import build_sam2_model, reduced_overrides
+    from ahcq.video.fixtures import make_moving_shapes_clip
+
+    for v in range(2):
+        make_moving_shapes_clip(tmp_path / "clips", "sav", n_frames=3, size=(48, 64), n_objects=1,
+                                seed=20 + v, video=f"clip{v}")
+    torch.manual_seed(0)
+    extra = ["++model.memory_attention.num_layers=1"]
+    model = build_sam2_model("t", [*reduced_overrides(image_size=64), *extra], video=True)
+    torch.save({"model": model.state_dict()}, tmp_path / "tiny2.pt")
+    run = {"model": {"config": "t", "checkpoint": str(tmp_path / "tiny2.pt"), "reduced": {"image_size": 64},
+                     "overrides": extra},
+           "dataset": {"root": str(tmp_path / "clips"), "layout": "sav", "split": "val"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    tables = [{"name": f"video_{m.split('/')[0]}", "kind": "methods", "metric": m, "methods": ["minmax"],
+               "bits": [4], "fp_row": True} for m in ("official/J&F", "ahcq/J&F")]
+    spec = {"title": "video", "metric": "official/J&F", "run": {"seed": 0},
+            "overlays": [{"calibrate": {"sample": 1, "frame": 2}}],
+            "models": {"v": {"label": "V", "config": str(tmp_path / "run.yaml")}}, "tables": tables}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert tool.main(["--spec", str(tmp_path / "spec.yaml"), "--out", str(out), "--threads", "1"]) == 0
+    cells = {p.parent.name.rsplit("-", 1)[0]: json.loads(p.read_text())
+             for p in (out / "cells" / "v").glob("*/results.json")}
+    assert set(cells) == {"fp", "minmax_w4a4"}
+    assert cells["fp"]["quant"] is None and cells["minmax_w4a4"]["fp"] is None
+    assert cells["minmax_w4a4"]["calibration"]["frames"] == 2
+    rendered = _tables((out / "tables.md").read_text())
+    for metric in ("official/J&F", "ahcq/J&F"):
+        table = rendered[f"video_{metric.split('/')[0]}"]
+        assert _entry(table, "FP", "V W4A4") == f"{cells['fp']['fp'][metric]:.1f}"
+        assert _entry(table, "minmax", "V W4A4") == f"{cells['minmax_w4a4']['quant'][metric]:.1f}"
+    with pytest.raises(SystemExit, match="cfg_options"):
+        bad = {**spec, "models": {"v": {"config": str(tmp_path / "run.yaml"), "cfg_options": {"a": 1}}}}
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        tool.main(["--spec", str(tmp_path / "bad.yaml"), "--dry-run"])

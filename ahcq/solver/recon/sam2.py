@@ -14,12 +14,15 @@ quantized inputs, once with ``api.quantization_disabled`` (the original float mo
 its float inputs and targets. Every call while tracking is one sample; the prompt frames are tracked too.
 The unit is then trained by the generic loop (``train.reconstruct_unit``) and hardened. With
 ``state_dir`` the predictor is saved after every unit and an interrupted run resumes after the last one.
+``recon.act_quant: false`` (BRECQ's reference) keeps every activation quantizer off while the units are
+captured and trained (the quantized chain then differs from the float one by its weights only) and switches
+them on at the end, as the image engine does.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,8 +212,6 @@ def reconstruct_video(predictor: nn.Module, settings: ReconSettings, clips: Sequ
                       state_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Reconstruct the calibrated ``predictor`` unit by unit (see the module docstring); a JSON-able report
     with the unit reports and where the run resumed."""
-    if not settings.act_quant:
-        raise ValueError("recon.act_quant false is not defined for SAM2 reconstruction")
     video_units = sam2_units(predictor, units)
     names = [v.unit.label for v in video_units]
     seed_everything(settings.seed)
@@ -223,16 +224,19 @@ def reconstruct_video(predictor: nn.Module, settings: ReconSettings, clips: Sequ
     api.set_mode(predictor, Mode.QUANTIZE)
     harden_outside(predictor, [v.unit for v in video_units])
     reports: list[UnitReport] = []
-    for k in progress_bar(range(resumed, len(video_units)), desc="reconstruction", disable=not progress,
-                  initial=resumed, total=len(video_units)):
-        video_unit = video_units[k]
-        unit = video_unit.unit
-        qin, fin, targets = unit_samples(predictor, video_unit, clips, options)
-        _release_inference_tensors(unit.module)
-        batch = _batcher(qin, fin, targets, module_device(unit.module), settings.batch_size, unit.name)
-        reports.append(reconstruct_unit(unit, k, settings, batch, progress=progress))
-        if state_dir is not None:
-            save_state(state_dir, predictor, k + 1, names, settings)
+    # BRECQ's reference (act_quant false): activations float while the units capture and train, on after
+    floats = api.activations_off(predictor) if not settings.act_quant else nullcontext()
+    with floats:
+        for k in progress_bar(range(resumed, len(video_units)), desc="reconstruction", disable=not progress,
+                              initial=resumed, total=len(video_units)):
+            video_unit = video_units[k]
+            unit = video_unit.unit
+            qin, fin, targets = unit_samples(predictor, video_unit, clips, options)
+            _release_inference_tensors(unit.module)
+            batch = _batcher(qin, fin, targets, module_device(unit.module), settings.batch_size, unit.name)
+            reports.append(reconstruct_unit(unit, k, settings, batch, progress=progress))
+            if state_dir is not None:
+                save_state(state_dir, predictor, k + 1, names, settings)
     api.assert_fully_quantized(predictor)
     return {"granularity": units.value, "unit_names": names,
             "units": [r.record() for r in reports], "resumed_at": resumed}
