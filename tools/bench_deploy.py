@@ -48,7 +48,7 @@ def feeds(sam: torch.nn.Module, boxes: int) -> dict[str, dict[str, np.ndarray]]:
     embedding = torch.randn(1, sam.prompt_encoder.embed_dim, h, w, generator=g)
     decoder = dict(zip(DECODER_INPUTS, (embedding, pe, sparse, dense)))
     return {"image_encoder": {"image": image.numpy()},
-            "mask_decoder": {k: np.ascontiguousarray(v.numpy()) for k, v in decoder.items()}}
+            "mask_decoder": {k: np.ascontiguousarray(v.detach().numpy()) for k, v in decoder.items()}}
 
 
 def time_graph(path: Path, feed: dict[str, np.ndarray], threads: int, repeats: int) -> float:

@@ -62,13 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=24, help="frames per clip")
     parser.add_argument("--size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"),
                         help="frame height and width in pixels")
+    parser.add_argument("--object-scale", type=float, default=1.0,
+                        help="size factor of the freely moving objects (0.5-2.5)")
+    parser.add_argument("--pillar-frac", type=float, default=0.22,
+                        help="occluding pillar's width as a fraction of the frame width (0.1-0.4)")
     args = parser.parse_args(argv)
     if args.num_train < 1 or args.num_val < 1:
         parser.error("--num-train and --num-val must be positive")
     if args.seed < 0:
         parser.error("--seed must be non-negative")
     try:
-        spec = ClipSpec(frames=args.frames, height=args.size[0], width=args.size[1])
+        spec = ClipSpec(frames=args.frames, height=args.size[0], width=args.size[1],
+                        object_scale=args.object_scale, pillar_frac=args.pillar_frac)
     except ValueError as err:
         parser.error(str(err))
     for split, num in (("train", args.num_train), ("val", args.num_val)):

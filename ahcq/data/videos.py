@@ -22,7 +22,8 @@ __all__ = ["Clip", "ClipObject", "ClipSpec", "bounce", "draw_clip"]
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """Knobs of one clip: frame count and size, the pillar's width as a fraction of the frame width."""
+    """Knobs of one clip: frame count and size, the pillar's width as a fraction of the frame width, and a
+    factor on the size of the objects that roam freely (the crosser is sized by the pillar)."""
 
     frames: int = 24
     height: int = 96
@@ -31,6 +32,7 @@ class ClipSpec:
     max_distractors: int = 2
     pillar_frac: float = 0.22
     noise_std: float = 3.0
+    object_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.frames < 4 or min(self.height, self.width) < 32:
@@ -38,6 +40,8 @@ class ClipSpec:
                              f"{self.height}x{self.width}")
         if self.max_targets < 1 or self.max_distractors < 0 or not 0.1 <= self.pillar_frac <= 0.4:
             raise ValueError("ClipSpec: max_targets >= 1, max_distractors >= 0 and pillar_frac in [0.1, 0.4]")
+        if not 0.5 <= self.object_scale <= 2.5:
+            raise ValueError(f"ClipSpec: object_scale must be in [0.5, 2.5], got {self.object_scale}")
 
 
 @dataclass
@@ -113,7 +117,7 @@ def _crosser(rng: np.random.Generator, spec: ClipSpec, pillar: tuple[float, floa
     x0, x1 = pillar
     growth = _growth(rng)
     extent = (x1 - x0) * rng.uniform(0.45, 0.6) / max(1.0, float(np.exp(growth)))
-    start = rng.uniform(extent, x0 - extent * 0.8)
+    start = rng.uniform(extent, max(extent, x0 - extent * 0.8))
     travel = (x1 + extent * 1.5) - start  # fully out on the right by about 80 % of the clip
     return _Motion(start, rng.uniform(extent, spec.height - extent), travel / (0.8 * (spec.frames - 1)),
                    rng.uniform(-0.01, 0.01) * spec.height, extent, growth, rng.uniform(0, 2 * np.pi),
@@ -122,7 +126,8 @@ def _crosser(rng: np.random.Generator, spec: ClipSpec, pillar: tuple[float, floa
 
 def _wanderer(rng: np.random.Generator, spec: ClipSpec, pillar: tuple[float, float]) -> _Motion:
     """Bounces anywhere, starting clear of the pillar."""
-    extent = min(spec.height, spec.width) * rng.uniform(0.15, 0.3)
+    side_len = min(spec.height, spec.width)
+    extent = min(side_len * rng.uniform(0.15, 0.3) * spec.object_scale, 0.45 * side_len)
     side = rng.random() < 0.5
     lo, hi = (extent, pillar[0] - extent * 0.6) if side else (pillar[1] + extent * 0.6, spec.width - extent)
     if hi <= lo:

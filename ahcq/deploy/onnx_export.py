@@ -48,18 +48,21 @@ class OnnxExportError(ValueError):
 
 @dataclass(frozen=True)
 class QuantGrid:
-    """One uniform grid: float32 scale and integer zero point, per tensor (0-D) or along ``axis`` (1-D)."""
+    """One uniform grid in an 8-bit container: float32 scale, zero point and code range as the container
+    holds them (shifted by ``offset`` from the quantizer's), per tensor (0-D) or along ``axis`` (1-D).
+
+    Shifting codes and zero point by the same 128 leaves ``code - zero_point``, so every product and
+    dequantized value, unchanged; it lets activations always travel as uint8 and weights as int8, the pair
+    ONNX Runtime's integer GEMM runs fast (u8 x s8 with VNNI; u8 x u8 takes a generic path several times
+    slower, measured by tools/bench_deploy.py's predecessor on this machine)."""
 
     scale: torch.Tensor
     zero_point: torch.Tensor
     qmin: int
     qmax: int
     axis: int | None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The 8-bit container of the codes: uint8 for a grid at or above zero, else int8."""
-        return torch.uint8 if self.qmin >= 0 else torch.int8
+    dtype: torch.dtype
+    offset: int = 0
 
     def _shaped(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.axis is None:
@@ -102,21 +105,34 @@ def _family(q: Quantizer) -> str:
     return getattr(q, "family", type(q).__name__)
 
 
-def grid_of(q: GridQuantizer, ndim: int | None = None) -> QuantGrid:
-    """The grid a calibrated uniform quantizer uses (CAG's groups expanded per channel), checked to fit an
-    8-bit container."""
-    if q.qmin < -128 or q.qmax > 255 or (q.qmin < 0 and q.qmax > 127):
-        raise OnnxExportError(f"quantizer {q.name!r}: a {q.bits}-bit grid [{q.qmin}, {q.qmax}] does not fit "
-                              "an 8-bit ONNX container")
-    scale, zero_point = q.channel_params()
+def container(qmin: int, qmax: int, dtype: torch.dtype, name: str) -> int:
+    """The shift that puts codes of [qmin, qmax] into ``dtype`` (uint8 or int8): 0 or +-128."""
+    info = torch.iinfo(dtype)
+    for offset in (0, 128 if dtype == torch.uint8 else -128):
+        if info.min <= qmin + offset and qmax + offset <= info.max:
+            return offset
+    raise OnnxExportError(f"quantizer {name!r}: a grid [{qmin}, {qmax}] does not fit an 8-bit ONNX container")
+
+
+def make_grid(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None,
+              dtype: torch.dtype, name: str) -> QuantGrid:
+    """A ``QuantGrid`` of the quantizer grid (scale, zero point, [qmin, qmax]) shifted into ``dtype``."""
+    offset = container(qmin, qmax, dtype, name)
     scale = scale.detach().float().cpu()
-    zero_point = zero_point.detach().cpu().to(torch.int32)
+    zero_point = zero_point.detach().cpu().to(torch.int32) + offset
+    if scale.numel() == 1:
+        scale, zero_point, axis = scale.reshape(()), zero_point.reshape(()), None
+    return QuantGrid(scale, zero_point, qmin + offset, qmax + offset, axis, dtype, offset)
+
+
+def grid_of(q: GridQuantizer, ndim: int | None = None, dtype: torch.dtype = torch.uint8) -> QuantGrid:
+    """The grid a calibrated uniform quantizer uses (CAG's groups expanded per channel) in an 8-bit
+    container: uint8 for activations, int8 for weights."""
+    scale, zero_point = q.channel_params()
     axis = q.ch_axis
     if axis is not None and ndim is not None and axis < 0:
         axis += ndim
-    if scale.numel() == 1:
-        scale, zero_point, axis = scale.reshape(()), zero_point.reshape(()), None
-    return QuantGrid(scale, zero_point, q.qmin, q.qmax, axis)
+    return make_grid(scale, zero_point, q.qmin, q.qmax, axis, dtype, q.name)
 
 
 def check_exportable(module: nn.Module) -> None:
@@ -176,8 +192,8 @@ class WeightCodes(nn.Module):
 
     def __init__(self, quantizer: GridQuantizer, weight: torch.Tensor) -> None:
         super().__init__()
-        self.grid = grid_of(quantizer, weight.dim())
-        codes = quantizer.quantize_int(weight.detach())
+        self.grid = grid_of(quantizer, weight.dim(), torch.int8)
+        codes = quantizer.quantize_int(weight.detach()) + self.grid.offset
         if not torch.equal(self.grid.dequantize(codes.float()), quantizer(weight.detach()).detach()):
             raise OnnxExportError(f"quantizer {quantizer.name!r}: its codes do not decode to its fake-quant "
                                   "weight")
@@ -205,10 +221,10 @@ class IntLinear(nn.Module):
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
         xq, wq = layer.input_quantizer, layer.weight_quantizer
-        w_grid = grid_of(wq, 2)
+        w_grid = grid_of(wq, 2, torch.int8)
         if w_grid.axis not in (None, 0):
             raise OnnxExportError(f"quantizer {wq.name!r}: integer linear needs per-output-channel weights")
-        codes = wq.quantize_int(layer.weight.detach()).t().contiguous()  # [in, out]
+        codes = (wq.quantize_int(layer.weight.detach()) + w_grid.offset).t().contiguous()  # [in, out]
         self.w_scale = w_grid.scale
         self.w_zero = w_grid.zero_point
         self.groups = self._groups(xq, codes.to(w_grid.dtype))
@@ -228,8 +244,7 @@ class IntLinear(nn.Module):
             for k in range(used):
                 channels = torch.nonzero(index == k).flatten()
                 if channels.numel():
-                    grid = QuantGrid(scales[k].reshape(()), zps[k].reshape(()).to(torch.int32), xq.qmin,
-                                     xq.qmax, None)
+                    grid = make_grid(scales[k], zps[k], xq.qmin, xq.qmax, None, torch.uint8, xq.name)
                     groups.append(_Group(channels, grid, codes[channels]))
             return groups
         grid = grid_of(xq)
@@ -238,7 +253,8 @@ class IntLinear(nn.Module):
                                   "grid")
         return [_Group(torch.arange(codes.shape[0]), grid, codes)]
 
-    def _w_zero_as(self, like: torch.Tensor) -> torch.Tensor:
+    def _w_zero_row(self) -> torch.Tensor:
+        """The weight zero points broadcast over the [in, out] codes."""
         return self.w_zero.float() if self.w_zero.dim() == 0 else self.w_zero.float()[None, :]
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +262,7 @@ class IntLinear(nn.Module):
         for grp in self.groups:
             xs = x.index_select(-1, grp.channels)
             acc = torch.matmul(grp.grid.codes(xs) - grp.grid.zero_point.float(),
-                               grp.weight_codes.float() - self._w_zero_as(grp.weight_codes)) * grp.grid.scale
+                               grp.weight_codes.float() - self._w_zero_row()) * grp.grid.scale
             total = acc if total is None else total + acc
         y = total * self.w_scale
         return y if self.bias is None else y + self.bias

@@ -29,3 +29,30 @@ def test_committed_checkpoint_scores_as_recorded(tmp_path):
     recorded = sidecar["val_segm_oracle_boxes"]
     assert scores["mAP"] == pytest.approx(recorded["mAP"], abs=0.5)
     assert scores["AP50"] == pytest.approx(recorded["AP50"], abs=0.5)
+
+
+CKPT2 = ROOT / "ckpt" / "tiny_sam2.pt"
+VIDEO_CONFIG = ROOT / "projects" / "configs" / "sam2" / "tiny_sam2.yaml"
+
+
+@pytest.mark.skipif(not CKPT2.is_file(), reason="ckpt/tiny_sam2.pt is not committed")
+def test_committed_sam2_checkpoint_tracks_as_recorded(tmp_path):
+    """The SAM2 testbed loads strictly through the run config's model section and tracks the regenerated val
+    clips (make_demo_videos.py defaults, seed 0) to the J&F its sidecar records, both protocols."""
+    from ahcq.models.sam2_checkpoint import load_sam2, run_overrides
+    from ahcq.video import evaluate, read_dataset
+    from ahcq.video.propagation import predict_videos
+    from ahcq.yaml_schema import expand_env, read_yaml
+
+    sidecar = json.loads(CKPT2.with_suffix(".json").read_text())
+    assert CKPT2.stat().st_size <= 10 * 2**20
+    model = expand_env(read_yaml(VIDEO_CONFIG))["model"]
+    assert model == sidecar["model"]
+    make_demo_videos = load_tool("make_demo_videos")
+    spec = make_demo_videos.ClipSpec()
+    make_demo_videos.generate_split(tmp_path, "val", sidecar["val"]["videos"], DEMO_SEED, spec)
+    predictor = load_sam2(model["config"], CKPT2, run_overrides(model), video=True)
+    samples = read_dataset(tmp_path / "val", "sav", "val")
+    report = evaluate(samples, predict_videos(predictor, samples, progress=False)).as_dict()
+    for key in ("official/J&F", "ahcq/J&F"):
+        assert report[key] == pytest.approx(sidecar["val"][key], abs=0.5)

@@ -103,3 +103,16 @@ def test_bad_arguments_exit_non_zero_and_a_failed_split_leaves_nothing(tmp_path,
     with pytest.raises(OSError, match="disk full"):
         make_demo_videos.main(["--out", str(tmp_path / "out"), "--num-train", "2", "--num-val", "1"])
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_object_scale_grows_the_free_objects_and_is_range_checked():
+    def free_areas(scale: float) -> list[int]:
+        spec = ClipSpec(frames=6, object_scale=scale)
+        areas = []
+        for i in range(12):
+            clip = draw_clip(spec, np.random.default_rng([0, 0, i]))
+            areas += [o.full_areas[0] for o in clip.objects[1:]]  # [0]: the crosser, sized by the pillar
+        return areas
+    assert np.mean(free_areas(1.8)) > 2.0 * np.mean(free_areas(1.0))
+    with pytest.raises(ValueError, match="object_scale"):
+        ClipSpec(object_scale=3.0)
