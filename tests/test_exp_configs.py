@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,11 @@ def test_exp_has_every_preset_and_the_reference_names() -> None:
 @pytest.mark.parametrize("path", ALL_YAMLS, ids=[p.relative_to(EXP).as_posix() for p in ALL_YAMLS])
 def test_every_exp_yaml_loads(path: Path) -> None:
     cfg = load_qconfig(path)
-    if path.parent != EXP:
+    if path.parent.name == "deploy":  # deployment recipes: deploy_<name>, weight and activation bits apart
+        match = re.fullmatch(r"(?:\w+_)?w(\d)a(\d)", path.stem)
+        assert match and cfg.method == f"deploy_{path.stem}"
+        assert (cfg.w_qconfig.bit, cfg.a_qconfig.bit) == (int(match[1]), int(match[2]))
+    elif path.parent != EXP:
         assert cfg.method == path.parent.name
         bits = int(path.stem[1])
         assert path.stem == f"w{bits}a{bits}"
