@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +154,6 @@ def check_exportable(module: nn.Module) -> None:
                               "uniform grid")
 
 
-
 def _refuse_non_uniform(module: nn.Module) -> None:
     """Raise naming every quantizer ONNX cannot express or that is not calibrated and quantizing."""
     check_exportable(module)
@@ -164,7 +164,8 @@ def _refuse_non_uniform(module: nn.Module) -> None:
                               "and quantizing (calibrate the model and switch it to evaluation first)")
 
 
-def _op(forward, symbolic) -> type[torch.autograd.Function]:
+def _op(forward: Callable[[torch.Tensor], torch.Tensor],
+        symbolic: Callable[[torch.Graph, torch.Value], torch.Value]) -> type[torch.autograd.Function]:
     """A one-input autograd Function: ``forward`` in torch, ``symbolic`` in the ONNX graph. A class per site,
     so that the site's constants live in closures, not in arguments the exporter would have to trace."""
     return type("AhcqOnnxOp", (torch.autograd.Function,), {

@@ -16,7 +16,7 @@ from torch import nn
 
 from ahcq.deploy import pack_model
 from ahcq.deploy.__main__ import main as deploy_cli
-from ahcq.deploy.onnx_export import OnnxExportError, _export, export_onnx, onnx_ready
+from ahcq.deploy.onnx_export import EXPORTABLE_RECIPES, OnnxExportError, _export, export_onnx, onnx_ready
 from ahcq.deploy.onnx_runtime import graph_ops, running_in_onnxruntime
 from ahcq.models import quantize_sam
 from ahcq.quantization import api
@@ -116,6 +116,7 @@ def test_recipes_with_no_standard_form_are_refused_by_name():
     with pytest.raises(OnnxExportError, match=r"HLUQ.*exp/deploy/w8a8.yaml") as err:
         onnx_ready(sam.image_encoder)
     assert "AGQ" in str(err.value) and "lin2.input_quantizer" in str(err.value)
+    assert all((REPO / recipe).is_file() for recipe in EXPORTABLE_RECIPES)  # the recipes it suggests exist
 
 
 def test_an_uncalibrated_model_is_refused(tmp_path):
