@@ -2,7 +2,7 @@
 
 Every quantizer on a uniform grid becomes standard ONNX: an activation site is QuantizeLinear (then Clip to
 the grid's range when it has fewer than 8 bits) followed by DequantizeLinear (QDQ), per tensor or per axis;
-a weight is its integer codes as an int8 / uint8 initializer and a DequantizeLinear. A ``QuantLinear`` whose
+a weight is its integer codes as an int8 initializer and a DequantizeLinear. A ``QuantLinear`` whose
 input and weight grids both fit 8-bit containers is emitted in integer form instead: QuantizeLinear of the
 input, ``MatMulInteger`` with the weight codes (stored [in, out], per-output-channel zero points), the int32
 product cast to float and scaled by (input scale x weight scale), then the bias: the runtime's integer GEMM
