@@ -260,7 +260,8 @@ class IntLinear(nn.Module):
 
     def _scale(self, grp: _Group) -> torch.Tensor:
         """One factor per output channel: the group's input scale times the weight scale, so the graph has
-        a single Mul after each product (the Cast -> Mul that ONNX Runtime fuses into its integer GEMM)."""
+        a single Mul after each product (the Cast -> Mul pattern ONNX Runtime can fuse into
+        MatMulIntegerToFloat)."""
         return (grp.grid.scale * self.w_scale).float()
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
