@@ -16,7 +16,7 @@ VENV="$ROOT/.venv"
 CACHE_ROOT="${AHCQ_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ahcq}"
 PYTAG="$("$PYTHON" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 MMCV_WHEEL_DIR="$CACHE_ROOT/wheels/mmcv-full-${MMCV_VERSION}_torch-${TORCH_VERSION}_${PYTAG}"
-APT_PACKAGES=(iverilog yosys make g++ perl libgl1 labelme-examples)
+APT_PACKAGES=(iverilog yosys make g++ perl libgl1 labelme-examples slurmctld slurmd slurm-client munge)
 STAMP="$VENV/.ahcq-env-stamp"
 
 say() { printf '\n==> %s\n' "$*"; }

@@ -9,26 +9,30 @@ whose results.json is complete is not run again, so an interrupted grid resumes 
 interrupted cell resumes its own run). Its q_config and log sit beside it (``<cell>.yaml``, ``<cell>.log``).
 The FP baseline of each model is one shared cell. A failed cell is reported and the grid goes on; the command
 exits non-zero at the end, listing the failures. Tables go to ``<out>/tables.md`` and ``<out>/<table>.md``.
+
+Where cells run (``ahcq.tables.executors``): ``--executor local`` (the default) runs them one by one in this
+process with ``--jobs 1``, else as ``--jobs`` submitit jobs at once on local processes; ``--executor slurm``
+submits each cell as a Slurm job through submitit (``--partition``, ``--gpus``, ``--cpus``, ``--time``),
+at most ``--jobs`` queued at once, and collects results as jobs finish:
+
+    python tools/reproduce_tables.py --spec exp/tables/coco.yaml --executor slurm --partition gpu --gpus 1 \
+        --time 720 --jobs 50
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
-import traceback
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ahcq.quantization.config import ConfigError
+from ahcq.tables.executors import EXECUTORS, CellJob, ClusterOptions, ExecutorError, run_jobs, run_module
 from ahcq.tables.grid import Cell, Spec, SpecError, TableKind, load_spec, plan_tables
 from ahcq.tables.render import cell_value, render_plan, render_registers
 
@@ -45,9 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: runs/tables/<spec name>)")
     p.add_argument("--only", action="append", metavar="TABLE", help="only this table (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state; write nothing")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="cells at once; 1 runs them in this process, more as test_quant.py subprocesses")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="cells at once (default: 1 locally, in this process; 8 on Slurm)")
     p.add_argument("--threads", type=int, help="torch CPU threads per cell (test_quant.py --threads)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local processes (default) or Slurm jobs, through submitit")
+    p.add_argument("--partition", help="Slurm partition")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per Slurm job")
+    p.add_argument("--cpus", type=int, help="CPUs per Slurm job")
+    p.add_argument("--mem-gb", type=int, help="memory per Slurm job")
+    p.add_argument("--time", type=int, default=24 * 60, help="time limit per job in minutes")
     return p
 
 
@@ -97,37 +108,17 @@ def _cli(cell: Cell) -> str:
     return "ahcq.solver.test_quant_video" if cell.model.video else "ahcq.solver.test_quant"
 
 
-def _run_inprocess(module: str, argv: list[str], log: Path) -> str | None:
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        try:
-            importlib.import_module(module).main(argv)
-        except SystemExit as err:
-            return None if err.code in (0, None) else str(err.code)
-        except Exception as err:  # a broken cell must not stop the grid; the traceback goes to its log
-            traceback.print_exc(file=f)
-            return f"{type(err).__name__}: {err}"
-    return None
-
-
-def _run_subprocess(module: str, argv: list[str], log: Path) -> str | None:
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", module, *argv], stdout=f,
-                              stderr=subprocess.STDOUT, check=False)
-    if proc.returncode == 0:
-        return None
-    lines = log.read_text().strip().splitlines()
-    return f"exit {proc.returncode}: {lines[-1] if lines else ''}"
-
-
-def run_cell(cell: Cell, root: Path, threads: int | None, inprocess: bool) -> str | None:
-    """Run one cell; returns None on success, else a one-line reason (details in its log)."""
+def cell_job(cell: Cell, root: Path, threads: int | None) -> CellJob:
+    """The job of one cell, its q_config written beside its run folder."""
     out = cell.out_dir(root)
     out.parent.mkdir(parents=True, exist_ok=True)
     _beside(out, ".yaml").write_text(cell.q_config_text)
-    argv = cell_argv(cell, root, threads)
-    error = (_run_inprocess if inprocess else _run_subprocess)(_cli(cell), argv, _beside(out, ".log"))
+    return CellJob(cell.key, _cli(cell), cell_argv(cell, root, threads), _beside(out, ".log"))
+
+
+def _checked(cell: Cell, root: Path, error: str | None) -> str | None:
     if error is None and not is_complete(cell, root):
-        error = "finished without a complete results.json"
+        return "finished without a complete results.json"
     return error
 
 
@@ -154,22 +145,27 @@ def _render(spec: Spec, only: list[str] | None, root: Path, failed: dict[str, st
 def _run_all(todo: list[Cell], root: Path, args: argparse.Namespace) -> dict[str, str]:
     failed: dict[str, str] = {}
     bar = tqdm(total=len(todo), desc="cells", unit="cell")
+    by_key = {c.key: c for c in todo}
 
-    def one(cell: Cell) -> None:
-        bar.set_postfix_str(f"{cell.model.name}/{cell.slug}")
-        error = run_cell(cell, root, args.threads, inprocess=args.jobs == 1)
+    def done(job: CellJob, error: str | None) -> None:
+        cell = by_key[job.key]
+        error = _checked(cell, root, error)
         if error is not None:
             failed[cell.key] = error
-            log = _beside(cell.out_dir(root), ".log")
-            tqdm.write(f"FAILED {cell.model.name}/{cell.slug}: {error} (log: {log})")
+            tqdm.write(f"FAILED {cell.model.name}/{cell.slug}: {error} (log: {job.log})")
         bar.update()
 
-    if args.jobs == 1:
+    jobs = args.jobs or (8 if args.executor == "slurm" else 1)
+    if args.executor == "local" and jobs == 1:
         for cell in todo:
-            one(cell)
+            bar.set_postfix_str(f"{cell.model.name}/{cell.slug}")
+            job = cell_job(cell, root, args.threads)
+            done(job, run_module(job.module, job.argv, job.log))
     else:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(one, todo))
+        options = ClusterOptions(partition=args.partition, gpus_per_node=args.gpus, cpus_per_task=args.cpus,
+                                 timeout_min=args.time, mem_gb=args.mem_gb)
+        run_jobs([cell_job(c, root, args.threads) for c in todo], args.executor, root / "submitit", jobs,
+                 options, done)
     bar.close()
     return failed
 
@@ -177,8 +173,13 @@ def _run_all(todo: list[Cell], root: Path, args: argparse.Namespace) -> dict[str
 def main(argv: Sequence[str] | None = None) -> int:
     """Plan, run the missing cells, render; 0 when every cell has a result, 1 when some failed."""
     args = _parser().parse_args(argv)
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise SystemExit(f"reproduce_tables.py: error: --jobs must be >= 1, got {args.jobs}")
+    if args.executor == "local" and (args.partition or args.gpus or args.cpus or args.mem_gb):
+        raise SystemExit("reproduce_tables.py: error: --partition, --gpus, --cpus and --mem-gb are Slurm "
+                         "options; add --executor slurm")
+    if args.time < 1:
+        raise SystemExit(f"reproduce_tables.py: error: --time must be >= 1 minute, got {args.time}")
     try:
         spec = load_spec(DEMO_SPEC if args.demo else args.spec)
         known = [t.name for t in spec.tables]
@@ -198,7 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(ordered)} cells, {len(todo)} to run, {len(plans)} run tables")
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    failed = _run_all(todo, root, args)
+    try:
+        failed = _run_all(todo, root, args)
+    except ExecutorError as err:
+        raise SystemExit(f"reproduce_tables.py: error: {err}") from None
     tables = _render(spec, args.only, root, failed)
     for name, text in tables.items():
         _write(root / f"{name}.md", text)

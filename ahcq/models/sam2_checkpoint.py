@@ -114,11 +114,13 @@ def reduced_overrides(
     ]
 
 
-def run_overrides(model: Mapping[str, Any]) -> list[str]:
-    """The hydra overrides of a video-run config's ``model`` section (``reduced``, ``overrides``), plus the
-    CPU-safe hole filling; training and evaluation both build from this, so they build the same model."""
+def run_overrides(model: Mapping[str, Any], video: bool = True) -> list[str]:
+    """The hydra overrides of a video-run config's ``model`` section (``reduced``, ``overrides``), plus, for
+    the video predictor, the CPU-safe hole filling; training and evaluation both build from this, so they
+    build the same model."""
     reduced = model.get("reduced") or {}
-    return [*(reduced_overrides(**reduced) if reduced else []), *model.get("overrides", []), NO_FILL_HOLES]
+    built = [*(reduced_overrides(**reduced) if reduced else []), *model.get("overrides", [])]
+    return [*built, NO_FILL_HOLES] if video else built
 
 
 def build_sam2_model(

@@ -16,7 +16,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-__all__ = ["Prompts", "SamImage", "SamSample", "decode_boxes", "encode", "prepare_image"]
+__all__ = ["Prompts", "SamImage", "SamSample", "decode_boxes", "encode", "no_masks", "prepare_image"]
 
 
 @dataclass
@@ -98,6 +98,18 @@ def encode(sam: Sam, image: SamImage) -> torch.Tensor:
     return sam.image_encoder(image.tensor.to(sam.device))
 
 
+def no_masks(image: SamImage, boxes: torch.Tensor,
+             box_chunk: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Check a decode request; the empty masks and IoUs when there are no boxes, else None."""
+    if box_chunk < 1:
+        raise ValueError(f"box_chunk must be >= 1, got {box_chunk}")
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+    if len(boxes):
+        return None
+    return torch.zeros((0, *image.original_size), dtype=torch.bool), torch.zeros(0)
+
+
 @torch.no_grad()
 def decode_boxes(
     sam: Sam, embedding: torch.Tensor, image: SamImage, boxes: torch.Tensor, box_chunk: int = 32
@@ -107,13 +119,9 @@ def decode_boxes(
     Boxes go through the prompt encoder and mask decoder ``box_chunk`` at a time (one mask per box,
     ``multimask_output=False``); the decoder repeats the image embedding per box, so the chunk bounds memory.
     """
-    if box_chunk < 1:
-        raise ValueError(f"box_chunk must be >= 1, got {box_chunk}")
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (N, 4), got {tuple(boxes.shape)}")
-    height, width = image.original_size
-    if len(boxes) == 0:
-        return torch.zeros((0, height, width), dtype=torch.bool), torch.zeros(0)
+    empty = no_masks(image, boxes, box_chunk)
+    if empty is not None:
+        return empty
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     embedding = embedding.to(sam.device)
     dense_pe = sam.prompt_encoder.get_dense_pe()

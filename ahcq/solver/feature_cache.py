@@ -32,6 +32,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 import ahcq
+from ahcq.models.image_runner import PromptedModel, input_side, is_sam2
 from ahcq.models.sam_runner import Prompts, SamImage, SamSample
 from ahcq.solver.run_identity import plugin_root, source_digest
 
@@ -114,22 +115,25 @@ def _atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
-def _pack_image(sam: Sam, image: SamImage) -> dict[str, Any]:
-    """The encoder input without padding, as uint8 pixels when that round-trips bit for bit."""
+def _pack_image(sam: PromptedModel, image: SamImage) -> dict[str, Any]:
+    """The encoder input without padding, as uint8 pixels when that round-trips bit for bit (SAM's
+    normalisation of integer pixels; SAM2 resizes after scaling to [0, 1], so its input stays float)."""
     h, w = image.input_size
     crop = image.tensor[..., :h, :w].cpu()
+    if is_sam2(sam):
+        return {"normalized": crop, "input_size": image.input_size, "original_size": image.original_size}
     pixels = (crop * sam.pixel_std.cpu() + sam.pixel_mean.cpu()).round().clamp(0, 255).to(torch.uint8)
     if torch.equal(sam.preprocess(pixels.float().to(sam.device)).cpu(), image.tensor.cpu()):
         return {"pixels": pixels, "input_size": image.input_size, "original_size": image.original_size}
     return {"normalized": crop, "input_size": image.input_size, "original_size": image.original_size}
 
 
-def _unpack_image(sam: Sam, data: Mapping[str, Any]) -> SamImage:
+def _unpack_image(sam: PromptedModel, data: Mapping[str, Any]) -> SamImage:
     if "pixels" in data:
         tensor = sam.preprocess(data["pixels"].float().to(sam.device))
     else:
         crop = data["normalized"].to(sam.device)
-        size = sam.image_encoder.img_size
+        size = input_side(sam)
         tensor = torch.nn.functional.pad(crop, (0, size - crop.shape[-1], 0, size - crop.shape[-2]))
     return SamImage(tensor, tuple(data["input_size"]), tuple(data["original_size"]))
 
@@ -204,7 +208,7 @@ class FeatureCache:
             keys.append(image_key)
         return keys
 
-    def load(self, sam: Sam, image_key: str) -> CachedImage:
+    def load(self, sam: PromptedModel, image_key: str) -> CachedImage:
         """The cached sample of ``image_key``, its encoder input rebuilt on ``sam``'s device."""
         record = torch.load(self._sample_path(image_key), map_location="cpu", weights_only=True)
         prompts = Prompts(record["boxes"], record["scores"], record["labels"])

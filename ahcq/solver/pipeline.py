@@ -32,21 +32,17 @@ from mmdet.models import build_detector
 
 import ahcq
 from ahcq.deploy import pack_model
-from ahcq.deploy.onnx_export import OPSET, OnnxExportError, check_exportable, export_onnx
+from ahcq.deploy.onnx_export import OPSET, OnnxExportError, export_onnx
 from ahcq.deploy.onnx_runtime import graph_ops, running_in_onnxruntime
-from ahcq.models.sam_quantize import quantize_sam
-from ahcq.models.sam_roles import big_sites
-from ahcq.models.sam_runner import decode_boxes
+from ahcq.models.image_runner import is_sam2
 from ahcq.progress import progress_bar
 from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
 from ahcq.seeding import calibration_indices, seed_everything
-from ahcq.solver.calibration import BIG_IMAGES
 from ahcq.solver.cli import Interrupted, UserError
 from ahcq.solver.evaluation import NonFiniteOutput, build_split, evaluate, pipeline_items
-from ahcq.solver.feature_cache import CachedImage, CacheStats, FeatureCache, module_fingerprint, run_key
-from ahcq.solver.pcc_sam import apply_pcc
-from ahcq.solver.ptq import PTQModel, run_ptq
-from ahcq.solver.recon.sam import reconstruct_sam
+from ahcq.solver.feature_cache import CacheStats, FeatureCache, module_fingerprint, run_key
+from ahcq.solver.image_ptq import CalibSample, image_ptq
+from ahcq.solver.ptq import run_ptq
 from ahcq.solver.results import format_table, write_json
 from ahcq.solver.run_checks import (
     RunInputError,
@@ -58,7 +54,7 @@ from ahcq.solver.run_checks import (
 )
 from ahcq.solver.run_identity import RunFolder, RunMismatch, code_version, digest, weights_digest
 
-__all__ = ["CalibSample", "Interrupted", "RunOptions", "UserError", "calibration_choice", "run", "sam_ptq"]
+__all__ = ["Interrupted", "RunOptions", "UserError", "calibration_choice", "run"]
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -94,22 +90,6 @@ class RunOptions:
     pack: bool = False
     backend: str = "torch"
     cfg_options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class CalibSample:
-    """A calibration image: cached encoder input and boxes (and float embedding when the encoder is float)."""
-
-    cached: CachedImage
-    embedding: torch.Tensor | None
-
-
-def sam_forward(sam: Any, sample: CalibSample, box_chunk: int, max_boxes: int) -> None:
-    """Run ``sam`` (encoder unless its float embedding is given, then decoder over the boxes) on a sample."""
-    image = sample.cached.sample.image
-    with torch.no_grad():
-        embedding = sam.image_encoder(image.tensor) if sample.embedding is None else sample.embedding
-    decode_boxes(sam, embedding, image, sample.cached.sample.prompts.boxes[:max_boxes], box_chunk)
 
 
 def _load_config(opts: RunOptions) -> mmcv.Config:
@@ -183,31 +163,6 @@ def calibration_choice(qconfig: QConfig, population: int, calib_images: int | No
     return calibration_indices(qconfig.seed, population, n) if n else []
 
 
-def sam_ptq(sam: Any, *, quant_encoder: bool, box_chunk: int, max_boxes: int, device: torch.device,
-            exportable: bool = False) -> PTQModel:
-    """SAM in the PTQ recipe: ``max_boxes`` prompts per calibration image (decoded ``box_chunk`` at a time)
-    for calibration and reconstruction; BIG on SAM's token->image attentions over ``BIG_IMAGES`` images.
-    ``exportable``: refuse, before calibrating, a recipe whose quantizers ONNX cannot express."""
-    def quantize(qconfig: QConfig) -> None:
-        quantize_sam(sam, qconfig, quant_encoder=quant_encoder)
-        if exportable:
-            try:
-                check_exportable(sam)
-            except OnnxExportError as err:
-                raise UserError(f"--backend onnxruntime: {err}") from None
-
-    return PTQModel(
-        model=sam,
-        quantize=quantize,
-        forward=functools.partial(sam_forward, sam, box_chunk=box_chunk, max_boxes=max_boxes),
-        big_sites=lambda: big_sites(sam),
-        big_samples=BIG_IMAGES,
-        pcc=lambda samples, qconfig: apply_pcc(sam, samples, qconfig, device),
-        reconstruct=lambda samples, qconfig, state_dir: reconstruct_sam(
-            sam, samples, qconfig, device=device, state_dir=state_dir, max_boxes=max_boxes),
-    )
-
-
 class _Timer:
     """Stage wall-clock times in seconds."""
 
@@ -234,15 +189,22 @@ def _cache_split(cache: FeatureCache, model: Any, dataset: Any, indices: Sequenc
     return keys, stats
 
 
+def _cached_embeddings(model: Any, opts: RunOptions) -> bool:
+    """Whether float image embeddings come from the cache: SAM with a float encoder (SAM2's multi-level
+    features are recomputed)."""
+    return not opts.quant_encoder and not is_sam2(model.sam)
+
+
 def _quantize(model: Any, cache: FeatureCache, calib_keys: Sequence[str], qconfig: QConfig,
               opts: RunOptions, device: torch.device, staging: Path) -> dict[str, Any]:
     sam = model.sam
     samples = []
     for key in calib_keys:
         cached = cache.load(sam, key)
-        samples.append(CalibSample(cached, None if opts.quant_encoder else cache.embedding(sam, cached)))
-    ptq = sam_ptq(sam, quant_encoder=opts.quant_encoder, box_chunk=model.box_chunk,
-                  max_boxes=opts.calib_max_boxes, device=device, exportable=opts.backend == "onnxruntime")
+        embedding = cache.embedding(sam, cached) if _cached_embeddings(model, opts) else None
+        samples.append(CalibSample(cached, embedding))
+    ptq = image_ptq(sam, quant_encoder=opts.quant_encoder, box_chunk=model.box_chunk,
+                    max_boxes=opts.calib_max_boxes, device=device, exportable=opts.backend == "onnxruntime")
     return run_ptq(ptq, samples, qconfig, staging / "recon_state")
 
 
@@ -302,6 +264,18 @@ def _prepare(opts: RunOptions) -> tuple[RunOptions, mmcv.Config, QConfig]:
     return opts, cfg, qconfig
 
 
+def _check_sam2_options(opts: RunOptions, qconfig: QConfig) -> None:
+    """What the SAM2 image path does not have, refused before any work."""
+    if opts.pack:
+        raise UserError("--pack: the packed format holds SAM (segment_anything) models only, not SAM2")
+    if opts.backend != "torch":
+        raise UserError(f"--backend {opts.backend}: the ONNX export covers SAM (segment_anything) only, not "
+                        "SAM2; use --backend torch")
+    if qconfig.pcc.enabled and not opts.fp_only:
+        raise UserError(f"--q_config {opts.q_config}: pcc.enabled: SAQ-SAM's PCC is defined on SAM's decoder "
+                        "attentions only, not on SAM2; set pcc.enabled: false")
+
+
 def run(opts: RunOptions) -> dict[str, Any]:
     """Do the run described by ``opts``; returns what it wrote to ``results.json`` in ``--out``."""
     try:
@@ -319,6 +293,8 @@ def _run(opts: RunOptions) -> dict[str, Any]:
     sam_ckpt = (cfg.model.get("sam") or {}).get("checkpoint") or "the SAM weights"
     check_finite_weights(model.sam, f"SAM checkpoint {sam_ckpt}")
     check_finite_weights(model.prompt, "prompt source weights")
+    if is_sam2(model.sam):
+        _check_sam2_options(opts, qconfig)
     eval_set = build_split(cfg.data.test, opts.limit)
     if len(eval_set) == 0:
         raise UserError(f"data.test of {opts.config} has no images to evaluate")
@@ -375,14 +351,15 @@ def _work(opts: RunOptions, cfg: mmcv.Config, qconfig: QConfig, model: Any, devi
             results["fp"] = progress["fp"]
             logger.info("float evaluation: kept from the interrupted run")
         else:
-            results["fp"] = evaluate(model, eval_set, cache, eval_keys, staging, "fp", not opts.quant_encoder)
+            results["fp"] = evaluate(model, eval_set, cache, eval_keys, staging, "fp",
+                                     _cached_embeddings(model, opts))
             write_json(staging / PROGRESS, {"fp": results["fp"]})
         timer.stage("fp_eval")
     if not opts.fp_only:
         results["calibration"] = _quantize(model, cache, calib_keys, qconfig, opts, device, staging)
         timer.stage("quantize")
         results["quant"] = evaluate(model, eval_set, cache, eval_keys, staging, "quant",
-                                    not opts.quant_encoder)
+                                    _cached_embeddings(model, opts))
         timer.stage("quant_eval")
         if opts.pack:
             sizes = pack_model(model.sam, qconfig, bool(opts.quant_encoder), staging / PACKED_FILE)

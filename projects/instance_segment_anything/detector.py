@@ -13,9 +13,12 @@ import numpy as np
 import torch
 from mmdet.models.builder import DETECTORS
 from mmdet.models.detectors.base import BaseDetector
+from sam2.modeling.sam2_base import SAM2Base
 from segment_anything.modeling import Sam
 
-from ahcq.models.sam_runner import SamSample, decode_boxes, encode, prepare_image
+from ahcq.models.image_runner import Embedding, decode_boxes, encode, prepare_image
+from ahcq.models.sam2_image import Sam2Features
+from ahcq.models.sam_runner import SamSample
 
 from .prompts import PromptSource
 from .registry import PROMPT_SOURCES, SAM_BUILDERS
@@ -52,11 +55,12 @@ def _rgb(image_bgr: np.ndarray) -> np.ndarray:
 
 @DETECTORS.register_module()
 class DetWrapperInstanceSAM(BaseDetector):
-    """Instance segmentation by SAM from box prompts (post-training quantization target: ``self.sam``).
+    """Instance segmentation by SAM (or SAM2) from box prompts (post-training quantization target:
+    ``self.sam``).
 
     Args:
-        sam: a ``segment_anything`` ``Sam``, or a config of a builder in ``SAM_BUILDERS``
-            (``OfficialSAM``, ``TinySAM``, ``RandomSAM``).
+        sam: a ``segment_anything`` ``Sam`` or a sam2 ``SAM2Base``, or a config of a builder in
+            ``SAM_BUILDERS`` (``OfficialSAM``, ``TinySAM``, ``RandomSAM``, ``OfficialSAM2``, ``TinySAM2``).
         prompt: a ``PromptSource`` or a config of one in ``PROMPT_SOURCES``
             (``MMDetPrompt``, ``DetectionFilePrompt``, ``GTBoxPrompt``).
         num_classes: classes of the dataset (length of the per-class result lists).
@@ -67,7 +71,7 @@ class DetWrapperInstanceSAM(BaseDetector):
 
     def __init__(
         self,
-        sam: Sam | dict,
+        sam: Sam | SAM2Base | dict,
         prompt: PromptSource | dict,
         num_classes: int = 80,
         box_chunk: int = 32,
@@ -80,9 +84,10 @@ class DetWrapperInstanceSAM(BaseDetector):
         super().__init__(init_cfg)
         if box_chunk < 1:
             raise ValueError(f"box_chunk must be >= 1, got {box_chunk}")
-        self.sam = sam if isinstance(sam, Sam) else SAM_BUILDERS.build(sam)
-        if not isinstance(self.sam, Sam):
-            raise TypeError(f"sam builder {sam.get('type')!r} returned {type(self.sam).__name__}, not a Sam")
+        self.sam = sam if isinstance(sam, (Sam, SAM2Base)) else SAM_BUILDERS.build(sam)
+        if not isinstance(self.sam, (Sam, SAM2Base)):
+            raise TypeError(f"sam builder {sam.get('type')!r} returned {type(self.sam).__name__}, not a Sam "
+                            "or SAM2Base")
         self.prompt = prompt if isinstance(prompt, PromptSource) else PROMPT_SOURCES.build(prompt)
         self.num_classes = num_classes
         self.box_chunk = box_chunk
@@ -100,16 +105,18 @@ class DetWrapperInstanceSAM(BaseDetector):
         return samples
 
     def extract_feat(self, img: torch.Tensor, img_metas: list[dict] | None = None) -> torch.Tensor:
-        """SAM image embeddings (B, C, h, w) of a batch from the test pipeline (no prompts are computed)."""
+        """Image embeddings (B, C, h, w) of a batch from the test pipeline (no prompts are computed); for
+        SAM2 the lowest-resolution level, the one its decoder attends to."""
         if img_metas is None:
             raise ValueError(
                 "DetWrapperInstanceSAM.extract_feat needs img_metas to undo the pipeline normalisation"
             )
         images = _loaded_images(img, img_metas)
-        return torch.cat([encode(self.sam, prepare_image(self.sam, _rgb(image))) for image in images])
+        embeddings = [encode(self.sam, prepare_image(self.sam, _rgb(image))) for image in images]
+        return torch.cat([e.image_embed if isinstance(e, Sam2Features) else e for e in embeddings])
 
     @torch.no_grad()
-    def predict_cached(self, sample: SamSample, embedding: torch.Tensor | None = None) -> MmdetResult:
+    def predict_cached(self, sample: SamSample, embedding: Embedding | None = None) -> MmdetResult:
         """mmdet results of one image from its cached sample (and image embedding, computed if not given)."""
         if embedding is None:
             embedding = encode(self.sam, sample.image)

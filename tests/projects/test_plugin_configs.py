@@ -85,7 +85,10 @@ def test_base_config_reads_coco_from_the_environment(env):
     assert cfg.custom_imports.imports == ["projects.instance_segment_anything"]
 
 
-@pytest.mark.parametrize("name", [*SAM_CONFIGS, "demo/tiny_sam_oracle.py"])
+SAM2_CONFIGS = ["yolox/yolo_l-sam2.1-hiera-t.py", "demo/tiny_sam2_oracle.py"]
+
+
+@pytest.mark.parametrize("name", [*SAM_CONFIGS, "demo/tiny_sam_oracle.py", *SAM2_CONFIGS])
 def test_sam_config_loads_with_paths_from_the_environment(name, env):
     cfg = mmcv.Config.fromfile(str(CONFIGS / name))
     assert cfg.model.type == "DetWrapperInstanceSAM"
@@ -147,6 +150,15 @@ def test_detector_config_loads_an_mmdet_detector(name):
     assert cfg.data.test.pipeline[0].type == "LoadImageFromFile"
 
 
+def test_sam2_configs_differ_from_their_sam_configs_in_sam_only(env):
+    for sam2, sam in zip(SAM2_CONFIGS, ["yolox/yolo_l-sam-vit-b.py", "demo/tiny_sam_oracle.py"]):
+        cfg = mmcv.Config.fromfile(str(CONFIGS / sam2)).to_dict()
+        base = mmcv.Config.fromfile(str(CONFIGS / sam)).to_dict()
+        assert cfg["model"].pop("sam")["type"] in ("OfficialSAM2", "TinySAM2")
+        base["model"].pop("sam")
+        assert cfg == base
+
+
 def test_missing_sam_weights_are_named(env):
     cfg = mmcv.Config.fromfile(str(CONFIGS / "hdetr" / "hdetr-sam-vit-l.py"))
     with pytest.raises(FileNotFoundError, match="sam_vit_l_0b3195.pth"):
@@ -175,6 +187,8 @@ def test_plugin_dir_import_registers_everything_in_a_fresh_interpreter():
         "'GTBoxPrompt',",
         "'MMDetPrompt']",
         "['OfficialSAM',",
+        "'OfficialSAM2',",
         "'RandomSAM',",
-        "'TinySAM']",
+        "'TinySAM',",
+        "'TinySAM2']",
     ]

@@ -27,7 +27,7 @@ from ahcq.solver.calibration import (
     switch_to_evaluation,
 )
 from ahcq.solver.feature_cache import CachedImage
-from ahcq.solver.pipeline import CalibSample, sam_forward
+from ahcq.solver.image_ptq import CalibSample, sam_forward
 
 REPO = Path(__file__).resolve().parents[2]
 W8A8 = {"a_qconfig": {"bit": 8, "quantizer": "fixed", "observer": "minmax"},

@@ -32,7 +32,8 @@ from ahcq.quantization import api
 from ahcq.quantization.config import ConfigError, ConfigWarning, parse_qconfig, schema_keys
 from ahcq.quantization.dialects import AHCQSAM_KEYS
 from ahcq.solver.calibration import calibrate
-from ahcq.solver.pipeline import calibration_choice, sam_ptq
+from ahcq.solver.image_ptq import sam_ptq
+from ahcq.solver.pipeline import calibration_choice
 from ahcq.solver.ptq import run_ptq
 from ahcq.solver.recon import ReconSettings
 from ahcq.solver.recon.sam import box_cap, sam_chain
@@ -88,7 +89,7 @@ def _bimodal_keys(sam) -> None:
 
 
 def _forward(sam):
-    from ahcq.solver.pipeline import sam_forward
+    from ahcq.solver.image_ptq import sam_forward
     return lambda s: sam_forward(sam, s, box_chunk=2, max_boxes=4)
 
 

@@ -19,7 +19,7 @@ from ahcq.quantization.quantizers import LSQQuantizer, Mode, Role
 from ahcq.solver.calibration import calibrate
 from ahcq.solver.recon import ReconSettings, unit_loss
 from ahcq.solver.recon.sam import prepare_samples, reconstruct_sam, sam_chain
-from ahcq.solver.recon.sam2 import sam2_units, unit_samples
+from ahcq.solver.recon.sam2 import sam2_units, tracking, unit_samples
 from ahcq.solver.recon.units import tensor_leaves
 from ahcq.video.calibration import CalibrationClip, track_clip
 from ahcq.video.propagation import DEFAULT_TRACKING
@@ -153,7 +153,7 @@ def test_sam2_units_take_their_inputs_from_the_quantized_chain(tmp_path) -> None
     api.set_mode(predictor, Mode.QUANTIZE)
     units = {v.unit.name: v for v in sam2_units(predictor)}
     memory = units["memory_attention.layers.0.self_attn"]
-    qin, fin, targets = unit_samples(predictor, memory, [clip], DEFAULT_TRACKING)
+    qin, fin, targets = unit_samples(predictor, memory, tracking(predictor, [clip], DEFAULT_TRACKING))
     assert len(qin) == len(fin) == len(targets) >= 1
     q_args, f_args = qin[0], fin[0]
     # the quantized encoder and the quantized memory feed it: its inputs differ from the float chain's

@@ -22,7 +22,7 @@ from ahcq.quantization.config import load_qconfig, parse_qconfig
 from ahcq.quantization.quantizers import AdaRoundQuantizer, Mode
 from ahcq.solver.calibration import calibrate
 from ahcq.solver.feature_cache import CachedImage
-from ahcq.solver.pipeline import CalibSample
+from ahcq.solver.image_ptq import CalibSample
 from ahcq.solver.recon.sam import prepare_samples, reconstruct_sam, sam_chain
 from ahcq.solver.recon.sam_units import EncoderStageUnit
 

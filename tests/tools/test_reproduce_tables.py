@@ -331,3 +331,27 @@ def test_video_models_run_test_quant_video_cells_with_a_metric_per_table(tmp_pat
         bad = {**spec, "models": {"v": {"config": str(tmp_path / "run.yaml"), "cfg_options": {"a": 1}}}}
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
         tool.main(["--spec", str(tmp_path / "bad.yaml"), "--dry-run"])
+
+
+def test_slurm_executor_runs_cells_as_jobs_with_the_in_process_results(demo_env, slurm, tmp_path):
+    data = json.loads(json.dumps(demo_env["data"]))
+    data["tables"] = [{"name": "coco", "kind": "methods", "methods": ["minmax"], "bits": [4]}]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    here, there = tmp_path / "here", tmp_path / "slurm"
+    assert tool.main(["--spec", str(spec), "--out", str(here), "--threads", "1"]) == 0
+    assert tool.main(["--spec", str(spec), "--out", str(there), "--threads", "1", "--executor", "slurm",
+                      "--partition", "ahcq", "--cpus", "1", "--time", "10", "--jobs", "2"]) == 0
+    ids = json.loads((there / "submitit" / "jobs.json").read_text())
+    assert len(ids) == 1 and not (here / "submitit").exists()
+    ours, theirs = _cell(here, "minmax_w4a4"), _cell(there, "minmax_w4a4")
+    assert ours["quant"] == theirs["quant"]
+    for name in ("quant.segm.json",):
+        assert (_cell_path(here, "minmax_w4a4").parent / name).read_bytes() == \
+            (_cell_path(there, "minmax_w4a4").parent / name).read_bytes()
+    assert (here / "tables.md").read_text() == (there / "tables.md").read_text()
+
+
+def test_slurm_options_need_the_slurm_executor(demo_env, tmp_path):
+    with pytest.raises(SystemExit, match="Slurm options; add --executor slurm"):
+        tool.main(["--spec", str(demo_env["spec"]), "--out", str(tmp_path), "--partition", "gpu"])

@@ -12,7 +12,7 @@ from ahcq.quantization.config import parse_qconfig
 from ahcq.quantization.quantizers import Mode
 from ahcq.seeding import calibration_indices
 from ahcq.solver.calibration import calibrate
-from ahcq.solver.recon.sam2 import record_calls
+from ahcq.solver.recon.sam2 import record_calls, tracking
 from ahcq.video import read_sav
 from ahcq.video.calibration import CalibrationClip, select_clips, track_clip
 from ahcq.video.fixtures import make_moving_shapes_clip
@@ -47,8 +47,9 @@ def test_record_calls_sees_every_tracked_frame_of_every_object(samples) -> None:
     torch.manual_seed(0)
     predictor = build_sam2_model("t", TINY, video=True)
     clip = CalibrationClip(samples[0], frames=2)
-    memory = record_calls(predictor, predictor.memory_attention, [clip], DEFAULT_TRACKING, outputs=True)
-    decoder = record_calls(predictor, predictor.sam_mask_decoder, [clip], DEFAULT_TRACKING, outputs=False)
+    drive = tracking(predictor, [clip], DEFAULT_TRACKING)
+    memory = record_calls(predictor.memory_attention, drive, outputs=True)
+    decoder = record_calls(predictor.sam_mask_decoder, drive, outputs=False)
     # 2 objects: memory attention runs on the tracked frames 1 and 2; the decoder on frame 0 too, where the
     # GT mask is the output but the decoder still makes the object pointer
     assert len(memory) == 4 and len(decoder) == 6 and all(out is None for _, out in decoder)

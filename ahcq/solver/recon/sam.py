@@ -210,7 +210,7 @@ def reconstruct_sam(
     on_unit_end: Callable[[int, ReconUnit, UnitReport], None] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Reconstruct the calibrated ``sam`` on ``samples`` (``pipeline.CalibSample``); a JSON-able report.
+    """Reconstruct the calibrated ``sam`` on ``samples`` (``image_ptq.CalibSample``); a JSON-able report.
 
     ``max_boxes`` caps the boxes per image further (``box_cap``). ``state_dir`` makes the run resumable.
     On return every quantizer is calibrated, in QUANTIZE mode and every AdaRound is hard.

@@ -48,7 +48,8 @@ from ahcq.video.propagation import DEFAULT_TRACKING, TrackOptions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VideoUnit", "reconstruct_video", "record_calls", "sam2_units", "unit_samples"]
+__all__ = ["VideoUnit", "reconstruct_sam2", "reconstruct_video", "record_calls", "sam2_units", "tracking",
+           "unit_samples"]
 
 Record = tuple[Inputs, Any]
 
@@ -143,10 +144,18 @@ def _rounded_to_nearest(quantizers: Sequence[AdaRoundQuantizer]) -> Iterator[Non
             q.clear_cache()
 
 
-def record_calls(predictor: nn.Module, hooked: nn.Module, clips: Sequence[CalibrationClip],
-                 options: TrackOptions, outputs: bool) -> list[Record]:
-    """``((args, kwargs), output)`` of every call of ``hooked`` while tracking the clips in the predictor's
-    current state (outputs only when asked)."""
+def tracking(predictor: nn.Module, clips: Sequence[CalibrationClip],
+             options: TrackOptions = DEFAULT_TRACKING) -> Callable[[], None]:
+    """The calibration forward of the video path: track every clip."""
+    def drive() -> None:
+        for clip in clips:
+            track_clip(predictor, clip, options)
+    return drive
+
+
+def record_calls(hooked: nn.Module, drive: Callable[[], None], outputs: bool) -> list[Record]:
+    """``((args, kwargs), output)`` of every call of ``hooked`` while ``drive`` runs the calibration data
+    through the model in its current state (outputs only when asked)."""
     calls: list[Record] = []
 
     def hook(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -154,25 +163,24 @@ def record_calls(predictor: nn.Module, hooked: nn.Module, clips: Sequence[Calibr
 
     handle = hooked.register_forward_hook(hook, with_kwargs=True)
     try:
-        for clip in clips:
-            track_clip(predictor, clip, options)
+        drive()
     finally:
         handle.remove()
     return calls
 
 
-def unit_samples(predictor: nn.Module, video_unit: VideoUnit, clips: Sequence[CalibrationClip],
-             options: TrackOptions) -> tuple[list[Inputs], list[Inputs], list[list[torch.Tensor]]]:
+def unit_samples(model: nn.Module, video_unit: VideoUnit, drive: Callable[[], None]
+                 ) -> tuple[list[Inputs], list[Inputs], list[list[torch.Tensor]]]:
     """Quantized inputs, float inputs and float targets of every call of the unit."""
     unit = video_unit.unit
-    adarounds = [q for _, q in api.iter_quantizers(predictor) if isinstance(q, AdaRoundQuantizer)]
+    adarounds = [q for _, q in api.iter_quantizers(model) if isinstance(q, AdaRoundQuantizer)]
     with _rounded_to_nearest(adarounds):
-        quant = record_calls(predictor, video_unit.hooked, clips, options, outputs=False)
-    with api.quantization_disabled(predictor):
-        floats = record_calls(predictor, video_unit.hooked, clips, options, outputs=True)
+        quant = record_calls(video_unit.hooked, drive, outputs=False)
+    with api.quantization_disabled(model):
+        floats = record_calls(video_unit.hooked, drive, outputs=True)
     if len(quant) != len(floats) or not quant:
-        raise RuntimeError(f"unit {unit.name!r}: ran {len(floats)} times while tracking in float but "
-                           f"{len(quant)} times quantized; reconstruction needs the same calls in both")
+        raise RuntimeError(f"unit {unit.name!r}: ran {len(floats)} times in float but {len(quant)} times "
+                           "quantized; reconstruction needs the same calls in both")
     return [q for q, _ in quant], [f for f, _ in floats], _targets(video_unit, floats)
 
 
@@ -210,8 +218,18 @@ def _release_inference_tensors(module: nn.Module) -> None:
 def reconstruct_video(predictor: nn.Module, settings: ReconSettings, clips: Sequence[CalibrationClip],
                       options: TrackOptions = DEFAULT_TRACKING, *, units: ReconUnits = ReconUnits.BLOCKS,
                       state_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Reconstruct the calibrated ``predictor`` unit by unit (see the module docstring); a JSON-able report
-    with the unit reports and where the run resumed."""
+    """Reconstruct the calibrated ``predictor`` unit by unit along the tracking of ``clips`` (see the module
+    docstring); a JSON-able report with the unit reports and where the run resumed."""
+    return reconstruct_sam2(predictor, settings, tracking(predictor, clips, options), units=units,
+                            state_dir=state_dir, progress=progress)
+
+
+def reconstruct_sam2(predictor: nn.Module, settings: ReconSettings, drive: Callable[[], None], *,
+                     units: ReconUnits = ReconUnits.BLOCKS, state_dir: str | Path | None = None,
+                     progress: bool = True) -> dict[str, Any]:
+    """Reconstruct the calibrated SAM2 ``predictor`` unit by unit, each unit's samples being its calls while
+    ``drive`` runs the calibration data (clips tracked, or box-prompted images); units without a quantizer
+    (those kept float) are skipped."""
     video_units = sam2_units(predictor, units)
     names = [v.unit.label for v in video_units]
     seed_everything(settings.seed)
@@ -231,7 +249,7 @@ def reconstruct_video(predictor: nn.Module, settings: ReconSettings, clips: Sequ
                               initial=resumed, total=len(video_units)):
             video_unit = video_units[k]
             unit = video_unit.unit
-            qin, fin, targets = unit_samples(predictor, video_unit, clips, options)
+            qin, fin, targets = unit_samples(predictor, video_unit, drive)
             _release_inference_tensors(unit.module)
             batch = _batcher(qin, fin, targets, module_device(unit.module), settings.batch_size, unit.name)
             reports.append(reconstruct_unit(unit, k, settings, batch, progress=progress))
