@@ -218,6 +218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("ckpt/tiny_sam2.pt"))
     p.add_argument("--steps", type=int, default=8000, help="the schedule's length (one clip window a step)")
     p.add_argument("--minutes", type=float, default=88.0, help="wall-clock cap; the schedule is --steps")
+    p.add_argument("--until", type=int,
+                   help="stop after this step (the schedule stays --steps), to repeat a capped run")
     p.add_argument("--frames", type=int, default=8, help="frames per training window (1 prompt + tracked)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -230,8 +232,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=1000, help="steps between val J&F evaluations")
     p.add_argument("--resume", action="store_true", help="continue from --out's .state.pt")
     args = p.parse_args(argv)
-    if min(args.steps, args.frames - 1, args.threads, args.eval_every) < 1 or args.minutes <= 0:
-        p.error("--steps, --threads, --eval-every and --minutes must be positive, --frames at least 2")
+    positive = (args.steps, args.frames - 1, args.threads, args.eval_every, args.until or 1)
+    if min(positive) < 1 or args.minutes <= 0:
+        p.error("--steps, --until, --threads, --eval-every and --minutes must be positive, "
+                "--frames at least 2")
     return args
 
 
@@ -279,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter() - state["elapsed_s"]
     min_area = 0.002 * size * size
     pbar = tqdm(total=args.steps, initial=state["step"], unit="step", desc="train")
-    while state["step"] < args.steps and time.perf_counter() - start < args.minutes * 60:
+    last_step = min(args.steps, args.until or args.steps)
+    while state["step"] < last_step and time.perf_counter() - start < args.minutes * 60:
         window = None
         while window is None:
             window = sample_window(train[int(rng.integers(len(train)))], rng, args.frames, min_area)
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             state["losses"].append({"step": state["step"], "loss": round(float(loss), 4),
                                     **{k: round(v, 4) for k, v in parts.items()}})
             pbar.set_postfix(loss=f"{float(loss):.3f}", iou=f"{parts['iou']:.3f}")
-        last = state["step"] >= args.steps or time.perf_counter() - start >= args.minutes * 60
+        last = state["step"] >= last_step or time.perf_counter() - start >= args.minutes * 60
         if state["step"] % args.eval_every == 0 or last:
             state["elapsed_s"] = time.perf_counter() - start
             state["history"].append({"step": state["step"], "min": round(state["elapsed_s"] / 60, 2),

@@ -24,6 +24,7 @@ from mmdet.datasets import build_dataset
 from ahcq.progress import progress_bar
 from ahcq.solver.feature_cache import FeatureCache
 from ahcq.solver.noise import without_noise
+from ahcq.solver.ranks import SINGLE, Ranks
 
 __all__ = ["METRIC_KEYS", "NonFiniteOutput", "build_split", "evaluate", "pipeline_items"]
 
@@ -96,19 +97,27 @@ def evaluate(
     out_dir: str | os.PathLike,
     tag: str,
     cached_embeddings: bool = False,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, float | None]:
     """``{"segm_mAP": .., "segm_mAP_50": .., "bbox_mAP": .., ...}`` (COCO AP x 100, mmdet's key names).
 
     mmdet rounds AP to three decimals, so the values carry one decimal after scaling.
 
     ``keys[i]`` must be image ``i`` of ``dataset``. ``cached_embeddings``: read the float image
-    embeddings from the cache (only valid while the encoder is float).
+    embeddings from the cache (only valid while the encoder is float). With several ``ranks`` each predicts
+    its share of the images; rank 0 scores them all, writes the result files, and every rank gets the metrics.
     """
     if len(keys) != len(dataset):
         raise ValueError(f"evaluate: {len(keys)} cached images for a dataset of {len(dataset)}")
     model.eval()
-    results = _run(model, cache, keys, cached_embeddings, tag)
-    out_dir = Path(out_dir)
+    results = ranks.unshard(ranks.all_gather(_run(model, cache, ranks.shard(keys), cached_embeddings, tag)))
+    if not ranks.main:
+        return ranks.broadcast(None)
+    return ranks.broadcast(_score(dataset, results, Path(out_dir), tag))
+
+
+def _score(dataset: Any, results: list, out_dir: Path, tag: str) -> dict[str, float | None]:
+    """COCO metrics of ``results`` (one entry per image of ``dataset``), result files in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{tag}.") as tmp:
         with contextlib.redirect_stdout(io.StringIO()), without_noise():  # pycocotools prints its progress

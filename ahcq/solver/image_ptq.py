@@ -30,6 +30,7 @@ from ahcq.solver.cli import UserError
 from ahcq.solver.feature_cache import CachedImage
 from ahcq.solver.pcc_sam import apply_pcc
 from ahcq.solver.ptq import PTQModel
+from ahcq.solver.ranks import SINGLE, Ranks
 from ahcq.solver.recon.sam import reconstruct_sam
 from ahcq.solver.recon.sam2 import reconstruct_sam2
 from ahcq.solver.recon.settings import ReconSettings
@@ -53,10 +54,11 @@ def sam_forward(sam: PromptedModel, sample: CalibSample, box_chunk: int, max_box
 
 
 def sam_ptq(sam: Any, *, quant_encoder: bool, box_chunk: int, max_boxes: int, device: torch.device,
-            exportable: bool = False) -> PTQModel:
+            exportable: bool = False, ranks: Ranks = SINGLE) -> PTQModel:
     """SAM in the PTQ recipe: ``max_boxes`` prompts per calibration image (decoded ``box_chunk`` at a time)
     for calibration and reconstruction; BIG on SAM's token->image attentions over ``BIG_IMAGES`` images.
-    ``exportable``: refuse, before calibrating, a recipe whose quantizers ONNX cannot express."""
+    ``exportable``: refuse, before calibrating, a recipe whose quantizers ONNX cannot express. With several
+    ``ranks`` calibration runs alike on every rank and reconstruction is data-parallel over the images."""
     def quantize(qconfig: QConfig) -> None:
         quantize_sam(sam, qconfig, quant_encoder=quant_encoder)
         if exportable:
@@ -73,7 +75,8 @@ def sam_ptq(sam: Any, *, quant_encoder: bool, box_chunk: int, max_boxes: int, de
         big_samples=BIG_IMAGES,
         pcc=lambda samples, qconfig: apply_pcc(sam, samples, qconfig, device),
         reconstruct=lambda samples, qconfig, state_dir: reconstruct_sam(
-            sam, samples, qconfig, device=device, state_dir=state_dir, max_boxes=max_boxes),
+            sam, ranks.shard(samples), qconfig, device=device, state_dir=state_dir, max_boxes=max_boxes,
+            sync=ranks.average if ranks.world > 1 else None),
     )
 
 
@@ -100,9 +103,13 @@ def sam2_image_ptq(model: SAM2Base, *, quant_encoder: bool, box_chunk: int, max_
 
 
 def image_ptq(model: PromptedModel, *, quant_encoder: bool, box_chunk: int, max_boxes: int,
-              device: torch.device, exportable: bool = False) -> PTQModel:
-    """The PTQ view of ``model``, by its family."""
+              device: torch.device, exportable: bool = False, ranks: Ranks = SINGLE) -> PTQModel:
+    """The PTQ view of ``model``, by its family (SAM2's reconstruction is not data-parallel yet: refused
+    with several ``ranks``)."""
     if is_sam2(model):
+        if ranks.world > 1:
+            raise UserError("SAM2 under torchrun: its reconstruction is not data-parallel yet; run it in one "
+                            "process")
         return sam2_image_ptq(model, quant_encoder=quant_encoder, box_chunk=box_chunk, max_boxes=max_boxes)
     return sam_ptq(model, quant_encoder=quant_encoder, box_chunk=box_chunk, max_boxes=max_boxes,
-                   device=device, exportable=exportable)
+                   device=device, exportable=exportable, ranks=ranks)

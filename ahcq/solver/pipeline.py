@@ -43,6 +43,7 @@ from ahcq.solver.evaluation import NonFiniteOutput, build_split, evaluate, pipel
 from ahcq.solver.feature_cache import CacheStats, FeatureCache, module_fingerprint, run_key
 from ahcq.solver.image_ptq import CalibSample, image_ptq
 from ahcq.solver.ptq import run_ptq
+from ahcq.solver.ranks import Ranks, init_ranks
 from ahcq.solver.results import format_table, write_json
 from ahcq.solver.run_checks import (
     RunInputError,
@@ -177,10 +178,14 @@ class _Timer:
 
 
 def _cache_split(cache: FeatureCache, model: Any, dataset: Any, indices: Sequence[int],
-                 split: str) -> tuple[list[str], CacheStats]:
+                 split: str, ranks: Ranks) -> tuple[list[str], CacheStats]:
+    """Cache keys of ``indices`` (prepared where missing, each rank its share); the counts of all ranks."""
     stats = CacheStats()
-    bar = functools.partial(progress_bar, total=len(indices), desc=f"prepare {split}", unit="img")
-    keys = cache.prepare(model, pipeline_items(dataset, indices), stats, bar)
+    mine = ranks.shard(list(indices))
+    bar = functools.partial(progress_bar, total=len(mine), desc=f"prepare {split}", unit="img")
+    parts = ranks.all_gather((cache.prepare(model, pipeline_items(dataset, mine), stats, bar), stats))
+    keys = ranks.unshard([k for k, _ in parts])
+    stats = CacheStats(sum(s.hits for _, s in parts), sum(s.misses for _, s in parts))
     if stats.misses == 0:
         logger.info("cache hit: %d %s images from %s", stats.hits, split, cache.dir)
     else:
@@ -196,16 +201,22 @@ def _cached_embeddings(model: Any, opts: RunOptions) -> bool:
 
 
 def _quantize(model: Any, cache: FeatureCache, calib_keys: Sequence[str], qconfig: QConfig,
-              opts: RunOptions, device: torch.device, staging: Path) -> dict[str, Any]:
+              opts: RunOptions, device: torch.device, staging: Path, ranks: Ranks) -> dict[str, Any]:
+    """The PTQ recipe: calibration alike on every rank (each on all calibration images), reconstruction
+    data-parallel over them; each rank resumes from its own reconstruction state."""
     sam = model.sam
     samples = []
     for key in calib_keys:
         cached = cache.load(sam, key)
         embedding = cache.embedding(sam, cached) if _cached_embeddings(model, opts) else None
         samples.append(CalibSample(cached, embedding))
+    if len(samples) < ranks.world:
+        raise UserError(f"{len(samples)} calibration images cannot be shared by {ranks.world} ranks")
     ptq = image_ptq(sam, quant_encoder=opts.quant_encoder, box_chunk=model.box_chunk,
-                    max_boxes=opts.calib_max_boxes, device=device, exportable=opts.backend == "onnxruntime")
-    return run_ptq(ptq, samples, qconfig, staging / "recon_state")
+                    max_boxes=opts.calib_max_boxes, device=device, exportable=opts.backend == "onnxruntime",
+                    ranks=ranks)
+    state = "recon_state" if ranks.main else f"recon_state_rank{ranks.rank}"
+    return run_ptq(ptq, samples, qconfig, staging / state)
 
 
 def _file_digest(path: str) -> str:
@@ -217,7 +228,7 @@ def _file_digest(path: str) -> str:
 
 
 def _identity(cfg: mmcv.Config, opts: RunOptions, qconfig: QConfig, model: Any, device: torch.device,
-              calib_indices: list[int]) -> dict[str, Any]:
+              calib_indices: list[int], ranks: Ranks) -> dict[str, Any]:
     """Everything that decides this run's results (see ``run_identity``)."""
     splits = {split: cfg.data.get(split) for split in ("test", "calib", "train") if split in cfg.data}
     data = {split: {"ann": _file_digest(s["ann_file"]), "img_prefix": s.get("img_prefix")}
@@ -238,6 +249,7 @@ def _identity(cfg: mmcv.Config, opts: RunOptions, qconfig: QConfig, model: Any, 
         "code": code_version(),
         **({"pack": True} if opts.pack else {}),
         **({"backend": opts.backend} if opts.backend != "torch" else {}),
+        **({"ranks": ranks.world} if ranks.world > 1 else {}),
     }
 
 
@@ -287,6 +299,9 @@ def run(opts: RunOptions) -> dict[str, Any]:
 def _run(opts: RunOptions) -> dict[str, Any]:
     timer = _Timer()
     opts, cfg, qconfig = _prepare(opts)
+    ranks = init_ranks(opts.device)
+    if ranks.world > 1 and (opts.pack or opts.backend != "torch"):
+        raise UserError("--pack and --backend onnxruntime run in one process; start them without torchrun")
     device = torch.device(opts.device)
     seed_everything(qconfig.seed)
     model = _build_model(cfg, opts.config, device)
@@ -307,41 +322,51 @@ def _run(opts: RunOptions) -> dict[str, Any]:
             raise UserError(f"data.{split} has no image with annotations to calibrate on")
         check_image_files(calib_set, split)
     calib_indices = calibration_choice(qconfig, len(calib_set), opts.calib_images) if not opts.fp_only else []
-    identity = _identity(cfg, opts, qconfig, model, device, calib_indices)
+    identity = _identity(cfg, opts, qconfig, model, device, calib_indices, ranks)
     folder = RunFolder(opts.out, identity, opts.overwrite)
+    finished, staging, resumed = ranks.broadcast(_open(folder, opts) if ranks.main else None)
+    if finished is not None:
+        return finished
+    if resumed:
+        logger.info("resuming the interrupted run kept in %s", staging)
+    timer.stage("build")
+    try:
+        results = _work(opts, cfg, qconfig, model, device, eval_set, calib_set, calib_indices, staging, timer,
+                        ranks)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; run the same command again to resume (state kept in {staging})") \
+            from None
+    results.update(identity=identity, overrides={"recon_iters": opts.recon_iters})
+    if ranks.main:
+        write_json(staging / "results.json", results)
+        folder.commit(staging, keep=("recon_state",) if opts.keep_state else ())
+        print(format_table(results))
+    return results
+
+
+def _open(folder: RunFolder, opts: RunOptions) -> tuple[dict[str, Any] | None, Path | None, bool]:
+    """(results of the identical finished run in ``--out``, or None; else the staging folder and whether it
+    resumes an interrupted run)."""
     finished = folder.finished()
     if finished is not None:
         logger.info("%s already holds this run (same fingerprint); nothing to do (--overwrite reruns it)",
                     opts.out)
         print(format_table(finished))
-        return finished
-    staging, resumed = folder.open()
-    if resumed:
-        logger.info("resuming the interrupted run kept in %s", staging)
-    timer.stage("build")
-    try:
-        results = _work(opts, cfg, qconfig, model, device, eval_set, calib_set, calib_indices, staging, timer)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; run the same command again to resume (state kept in {staging})") \
-            from None
-    results.update(identity=identity, overrides={"recon_iters": opts.recon_iters})
-    write_json(staging / "results.json", results)
-    folder.commit(staging, keep=("recon_state",) if opts.keep_state else ())
-    print(format_table(results))
-    return results
+        return finished, None, False
+    return (None, *folder.open())
 
 
 def _work(opts: RunOptions, cfg: mmcv.Config, qconfig: QConfig, model: Any, device: torch.device,
           eval_set: Any, calib_set: Any, calib_indices: list[int], staging: Path,
-          timer: _Timer) -> dict[str, Any]:
+          timer: _Timer, ranks: Ranks) -> dict[str, Any]:
     """Cache, evaluate and quantize in ``staging``; float results of an interrupted run are reused."""
     config_blob = json.dumps(dict(cfg.items()), sort_keys=True, default=str)
     cache = FeatureCache(opts.cache_dir, run_key(json.loads(config_blob), module_fingerprint(model.prompt)),
                          module_fingerprint(model.sam.image_encoder))
     calib_keys, calib_stats = [], CacheStats()
     if not opts.fp_only:
-        calib_keys, calib_stats = _cache_split(cache, model, calib_set, calib_indices, "calibration")
-    eval_keys, eval_stats = _cache_split(cache, model, eval_set, range(len(eval_set)), "evaluation")
+        calib_keys, calib_stats = _cache_split(cache, model, calib_set, calib_indices, "calibration", ranks)
+    eval_keys, eval_stats = _cache_split(cache, model, eval_set, range(len(eval_set)), "evaluation", ranks)
     timer.stage("cache")
 
     progress = _read_progress(staging)
@@ -352,14 +377,19 @@ def _work(opts: RunOptions, cfg: mmcv.Config, qconfig: QConfig, model: Any, devi
             logger.info("float evaluation: kept from the interrupted run")
         else:
             results["fp"] = evaluate(model, eval_set, cache, eval_keys, staging, "fp",
-                                     _cached_embeddings(model, opts))
-            write_json(staging / PROGRESS, {"fp": results["fp"]})
+                                     _cached_embeddings(model, opts), ranks)
+            if ranks.main:
+                write_json(staging / PROGRESS, {"fp": results["fp"]})
         timer.stage("fp_eval")
     if not opts.fp_only:
-        results["calibration"] = _quantize(model, cache, calib_keys, qconfig, opts, device, staging)
+        results["calibration"] = _quantize(model, cache, calib_keys, qconfig, opts, device, staging, ranks)
+        digests = ranks.all_gather(weights_digest(model.sam))
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"the ranks hold different quantized models after calibration and "
+                               f"reconstruction (digests {sorted(set(digests))}); results would mix them")
         timer.stage("quantize")
         results["quant"] = evaluate(model, eval_set, cache, eval_keys, staging, "quant",
-                                    _cached_embeddings(model, opts))
+                                    _cached_embeddings(model, opts), ranks)
         timer.stage("quant_eval")
         if opts.pack:
             sizes = pack_model(model.sam, qconfig, bool(opts.quant_encoder), staging / PACKED_FILE)

@@ -55,7 +55,7 @@ def weights_digest(module: nn.Module) -> str:
     for name, t in module.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -161,6 +161,8 @@ class RunFolder:
         for name in ("recon_state", "progress.json", RUN_FILE):
             if name not in keep:
                 _remove(staging / name)
+        for other_rank in staging.glob("recon_state_rank*"):  # the other ranks' states of a torchrun run
+            _remove(other_rank)
         old = self.out.parent / f".{self.out.name}.old"
         if self.out.exists():
             _remove(old)

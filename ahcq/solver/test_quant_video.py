@@ -326,6 +326,8 @@ def run(opts: VideoRunOptions) -> dict[str, Any]:
 
 def _run(opts: VideoRunOptions) -> dict[str, Any]:
     started = time.perf_counter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("the video CLI runs in one process; torchrun splits test_quant.py runs only")
     for path, option in ((opts.out, "--out"),):
         if path.exists() and not path.is_dir():
             raise UserError(f"{option} {path} is a file, not a folder")

@@ -34,7 +34,7 @@ from .cache import ActivationCache, CacheKey, Entry, ItemPlan
 from .capture import CaptureIndex, capture, module_device, propagate, release, to_device
 from .settings import ReconSettings
 from .state import load_state, save_state
-from .train import ExtraLoss, UnitReport, reconstruct_unit
+from .train import ExtraLoss, GradSync, UnitReport, reconstruct_unit
 from .units import Inputs, ReconUnit
 
 __all__ = ["ReconResult", "default_forward", "reconstruct"]
@@ -118,12 +118,14 @@ def reconstruct(
     extra_loss: ExtraLoss | None = None,
     on_unit_end: UnitCallback | None = None,
     progress: bool = True,
+    sync: GradSync | None = None,
 ) -> ReconResult:
     """Reconstruct ``units`` of the calibrated ``model`` in order; see the module docstring.
 
     ``max_cache_gb``: CPU memory for cached activations; the rest spills to ``cache_dir`` (a temporary
     folder by default). ``state_dir``: save after each unit and resume from it. ``on_unit_end(k, unit,
-    report)`` runs after unit ``k`` is finished and saved.
+    report)`` runs after unit ``k`` is finished and saved. ``sync``: data-parallel ranks, each holding its
+    own ``samples``, average gradients every step (``train.reconstruct_unit``).
     """
     if not units:
         raise ValueError("reconstruct: no units")
@@ -154,7 +156,7 @@ def reconstruct(
                               disable=not progress, initial=result.resumed_at, total=len(units)):
             unit = units[k]
             batch = _batcher(cache, index, k, settings.batch_size, module_device(unit.module))
-            report = reconstruct_unit(unit, k, settings, batch, extra_loss, progress)
+            report = reconstruct_unit(unit, k, settings, batch, extra_loss, progress, sync)
             if k + 1 < len(units):
                 propagate(units, k, cache, index, progress)
             release(cache, index, k)

@@ -46,7 +46,7 @@ from ahcq.solver.recon.sam_units import (
     encoder_stages,
 )
 from ahcq.solver.recon.settings import ReconSettings
-from ahcq.solver.recon.train import UnitReport
+from ahcq.solver.recon.train import GradSync, UnitReport
 from ahcq.solver.recon.units import Inputs, ReconUnit
 
 __all__ = ["BLOCKS_MAX_BOXES", "FINAL_ITERS_FACTOR", "SamChain", "box_cap", "prepare_samples",
@@ -209,10 +209,12 @@ def reconstruct_sam(
     max_cache_gb: float = 8.0,
     on_unit_end: Callable[[int, ReconUnit, UnitReport], None] | None = None,
     progress: bool = True,
+    sync: GradSync | None = None,
 ) -> dict[str, Any]:
     """Reconstruct the calibrated ``sam`` on ``samples`` (``image_ptq.CalibSample``); a JSON-able report.
 
     ``max_boxes`` caps the boxes per image further (``box_cap``). ``state_dir`` makes the run resumable.
+    ``sync``: this process is one data-parallel rank holding its share of the samples (``engine``).
     On return every quantizer is calibrated, in QUANTIZE mode and every AdaRound is hard.
     """
     start = time.perf_counter()
@@ -222,7 +224,7 @@ def reconstruct_sam(
     prepared, kept = prepare_samples(sam, samples, cap, qconfig.seed, device, use_embedding=not chain.encoder)
     settings = ReconSettings.from_qconfig(qconfig)
     result = reconstruct(sam, chain.units, prepared, settings, chain, max_cache_gb=max_cache_gb,
-                         state_dir=state_dir, on_unit_end=on_unit_end, progress=progress)
+                         state_dir=state_dir, on_unit_end=on_unit_end, progress=progress, sync=sync)
     return {
         "granularity": qconfig.recon.units.value,
         "par": {"alpha": p.alpha, "beta": p.beta, "query_weight": p.query_weight} if chain.par else None,

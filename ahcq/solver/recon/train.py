@@ -65,6 +65,7 @@ class LossContext:
 
 
 ExtraLoss = Callable[[LossContext], torch.Tensor]
+GradSync = Callable[[Sequence[torch.Tensor]], None]  # averages the tensors over data-parallel ranks, in place
 
 
 @dataclass
@@ -194,12 +195,19 @@ def plateau_horizon(steps_done: int, settings: ReconSettings) -> int:
     return min(settings.iters, max(steps_done + 1, math.ceil(steps_done / settings.warm_up)))
 
 
-def _descend(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | None]) -> None:
+def _descend(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | None],
+             sync: GradSync | None = None, also: Sequence[torch.Tensor] = ()) -> None:
+    """One step; with ``sync`` (data-parallel ranks) the gradients, and ``also``, are first averaged over
+    the ranks so every rank takes the same step."""
     active = [opt for opt in optimizers if opt is not None]
     for opt in active:
         opt.zero_grad(set_to_none=True)
     if loss.requires_grad:
         loss.backward()
+    if sync is not None:
+        params = [t for opt in active for g in opt.param_groups for t in g["params"]]
+        grads = [t.grad for t in params if t.grad is not None]
+        sync([*grads, *also])
     for opt in active:
         opt.step()
 
@@ -227,11 +235,14 @@ def reconstruct_unit(
     batch: Callable[[torch.Generator], tuple[list[tuple[int, int]], Inputs, Inputs, list[torch.Tensor]]],
     extra_loss: ExtraLoss | None = None,
     progress: bool = True,
+    sync: GradSync | None = None,
 ) -> UnitReport:
     """Train ``unit`` for ``settings.iters`` steps (or until early stop) and leave it hardened.
 
     ``batch(generator)`` returns ``(entries, quantized inputs, float inputs, float targets)`` on the unit's
-    device. The unit's quantizers must be calibrated and in ``Mode.QUANTIZE``.
+    device. The unit's quantizers must be calibrated and in ``Mode.QUANTIZE``. ``sync`` averages tensors
+    over data-parallel ranks in place (each rank batching its own samples): gradients and the loss that
+    early stopping watches, so every rank keeps the same parameters and stops at the same step.
     """
     report = UnitReport(unit.name)
     start = time.perf_counter()
@@ -282,14 +293,15 @@ def reconstruct_unit(
                 if rounding and beta.active(step) and settings.weight > 0:
                     b = beta(step)
                     loss = loss + settings.weight * sum(q.regularizer(b) for q in adaround_quantizers(unit))
-                _descend(loss, (opt_w, opt_s))
+                watched = rec.detach().reshape(1).clone()
+                _descend(loss, (opt_w, opt_s), sync, (watched,))
                 if sched is not None:
                     report.scale_lrs.append(sched.get_last_lr()[0])
                     sched.step()
                 step += 1
                 bar.update()
                 report.steps = step
-                if plateau.update(float(rec.detach()), watch=not (anneals and beta.active(step - 1))):
+                if plateau.update(float(watched), watch=not (anneals and beta.active(step - 1))):
                     report.stopped_early = True
                     if not anneals:
                         break

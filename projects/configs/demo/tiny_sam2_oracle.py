@@ -1,5 +1,5 @@
 """Oracle demo on SAM2: ground-truth boxes of the generated demo val set prompt the tiny SAM 2.1 testbed
-(trained on the generated video clips by tools/train_tiny_sam2.py) as an image model, the way
+(trained on the generated clips by tools/train_tiny_sam2.py) as an image model, the way
 ``SAM2ImagePredictor`` runs it (CPU, seconds).
 
 Data under AHCQ_DEMO_ROOT (default data/demo, made by tools/make_demo_data.py); weights tiny_sam2.pt and its
