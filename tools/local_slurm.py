@@ -109,8 +109,19 @@ def start(root: Path, cpus: int | None = None, timeout_s: float = 30.0) -> dict[
                        f"(logs: {root / 'slurmctld.log'}, {root / 'slurmd.log'})")
 
 
-def stop(root: Path) -> None:
-    """Stop the daemons ``start`` left under ``root`` (missing ones are skipped)."""
+def stop(root: Path, timeout_s: float = 15.0) -> None:
+    """Cancel every job of the private Slurm under ``root``, wait for them to leave the queue (a job step
+    cut off from its controller would hang), then stop the daemons (missing ones are skipped)."""
+    env = {**os.environ, "SLURM_CONF": str(root.resolve() / "slurm.conf")}
+    if (root / "slurm.conf").is_file():
+        subprocess.run(["scancel", "--full", "--signal=KILL", f"--user={os.geteuid()}"], env=env,
+                       capture_output=True, check=False)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            out = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True, check=False)
+            if out.returncode != 0 or not out.stdout.strip():
+                break
+            time.sleep(0.5)
     for name in ("slurmd", "slurmctld", "munged"):
         pid_file = root / f"{name}.pid"
         try:
