@@ -1,8 +1,8 @@
 """``python -m ahcq.deploy info <file> [--rebuild]``: check a packed quantized SAM (format, version, checksum)
 and print what it holds; ``--rebuild`` also rebuilds the fake-quant model from it.
 ``python -m ahcq.deploy onnx <file> --out <dir>``: rebuild it and export its mask decoder (and image encoder,
-when quantized) to ONNX (``ahcq.deploy.onnx_export``), for ONNX Runtime or any runtime with QDQ and
-MatMulInteger.
+when quantized) to ONNX (``ahcq.deploy.onnx_export``) for ONNX Runtime (its fused integer linear); with
+``--standard-ops``, standard ONNX only (QDQ and MatMulInteger), for any runtime.
 
 ``test_quant.py --pack`` writes the file (``quantized.npz`` in the run's ``--out``)."""
 from __future__ import annotations
@@ -27,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     onnx.add_argument("file", type=Path)
     onnx.add_argument("--out", type=Path, required=True,
                       help="folder for image_encoder.onnx and mask_decoder.onnx")
+    onnx.add_argument("--standard-ops", action="store_true",
+                      help="standard ONNX operators only (no com.microsoft MatMulIntegerToFloat)")
     args = p.parse_args(argv)
     try:
         manifest, blobs = read_packed(args.file)
         if args.command == "onnx":
             sam, _, quant_encoder = unpack_model(args.file)
-            for part, path in export_onnx(sam, args.out, quant_encoder).items():
+            for part, path in export_onnx(sam, args.out, quant_encoder,
+                                          runtime_ops=not args.standard_ops).items():
                 print(f"{part}: {path} ({path.stat().st_size} bytes)")
             return 0
         if args.rebuild:

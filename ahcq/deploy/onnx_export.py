@@ -4,20 +4,23 @@ Every quantizer on a uniform grid becomes standard ONNX: an activation site is Q
 the grid's range when it has fewer than 8 bits) followed by DequantizeLinear (QDQ), per tensor or per axis;
 a weight is its integer codes as an int8 initializer and a DequantizeLinear. A ``QuantLinear`` whose
 input and weight grids both fit 8-bit containers is emitted in integer form instead: QuantizeLinear of the
-input, ``MatMulInteger`` with the weight codes (stored [in, out], per-output-channel zero points), the int32
-product cast to float and scaled by (input scale x weight scale), then the bias: the runtime's integer GEMM
-does the work, which is where the speed comes from (a QDQ MatMul without a quantized output is not fused
-by ONNX Runtime's CPU provider). A CAG input (AHCPTQ's channel groups) is exported as the hardware does
-it: the input channels reordered by group, G per-tensor quantizations, G integer sub-products with the
-matching weight rows, summed.
+input, then ONNX Runtime's ``com.microsoft`` ``MatMulIntegerToFloat`` with the weight codes (stored [in,
+out], per-output-channel zero points): the integer product, scaled by (input scale x weight scale) and the
+bias added in the GEMM's output stage. The runtime's integer GEMM does the work, which is where the speed
+comes from (a QDQ MatMul without a quantized output is not fused by ONNX Runtime's CPU provider, nor is
+MatMulInteger -> Cast -> Mul with constant scales, whose float passes over every output made the SAM-B
+decoder slower than FP32). ``runtime_ops=False`` keeps to standard ONNX for other runtimes. A CAG input
+(AHCPTQ's channel groups) is exported as the hardware does it: the input channels reordered by group, G
+per-tensor quantizations, G integer sub-products with the matching weight rows, summed.
 
 Quantizers with no standard ONNX form are refused by name: HLUQ (two uniform pieces joined by a log
 piece), LNQ and AGQ (log-domain probability codes). 4-bit weights travel in 8-bit containers (their codes
 and zero points are exact; only the file is larger than the packed one).
 
-The exported graph computes what the fake-quant model computes up to float32 summation order and one
-rounding detail: QuantizeLinear divides by the scale where the fake quant multiplies by its float32
-reciprocal, so a value within an ulp of a rounding tie may take the neighbouring code.
+The exported graph computes what the fake-quant model computes up to float32 summation order (and the
+fused multiply-add of the GEMM's output stage) and one rounding detail: QuantizeLinear divides by the scale
+where the fake quant multiplies by its float32 reciprocal, so a value within an ulp of a rounding tie may
+take the neighbouring code.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ __all__ = ["DECODER_INPUTS", "EXPORTABLE_RECIPES", "OPSET", "OnnxExportError", "
            "check_exportable", "export_onnx", "onnx_ready"]
 
 OPSET = 17
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators (MatMulIntegerToFloat)
 EXPORTABLE_RECIPES = ("exp/deploy/w8a8.yaml", "exp/deploy/w4a8.yaml", "exp/deploy/cag_w4a8.yaml")
 _NO_STANDARD_FORM = {"hluq": "HLUQ", "lnq": "LNQ", "agq": "AGQ"}
 
@@ -216,11 +220,13 @@ class _Group:
 
 
 class IntLinear(nn.Module):
-    """``QuantLinear`` in integer form: per input group, quantize, ``MatMulInteger`` with the weight codes,
-    scale the int32 product; then the bias (and the output quantizer's QDQ, if any)."""
+    """``QuantLinear`` in integer form: per input group, quantize, the integer product with the weight codes
+    scaled to float (and the bias, with one group) in one ``MatMulIntegerToFloat``; several groups are summed,
+    then the bias added (and the output quantizer's QDQ, if any)."""
 
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLinear, runtime_ops: bool = True) -> None:
         super().__init__()
+        self.runtime_ops = runtime_ops
         xq, wq = layer.input_quantizer, layer.weight_quantizer
         w_grid = grid_of(wq, 2, torch.int8)
         if w_grid.axis not in (None, 0):
@@ -259,9 +265,8 @@ class IntLinear(nn.Module):
         return self.w_zero.float() if self.w_zero.dim() == 0 else self.w_zero.float()[None, :]
 
     def _scale(self, grp: _Group) -> torch.Tensor:
-        """One factor per output channel: the group's input scale times the weight scale, so the graph has
-        a single Mul after each product (the Cast -> Mul pattern ONNX Runtime can fuse into
-        MatMulIntegerToFloat)."""
+        """One factor per output channel: the group's input scale times the weight scale, in float32 (as
+        ``MatMulIntegerToFloat`` forms it)."""
         return (grp.grid.scale * self.w_scale).float()
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -274,16 +279,22 @@ class IntLinear(nn.Module):
         return total if self.bias is None else total + self.bias
 
     def _emit(self, g: torch.Graph, x: torch.Value) -> torch.Value:
-        w_zp = self.w_zero.to(self.groups[0].weight_codes.dtype)
+        w_zp = _const(g, self.w_zero.to(self.groups[0].weight_codes.dtype))
+        fuse_bias = self.runtime_ops and self.bias is not None and len(self.groups) == 1
         total = None
         for grp in self.groups:
             xs = x if len(self.groups) == 1 else g.op("Gather", x, _const(g, grp.channels), axis_i=-1)
-            q = grp.grid.emit_quantize(g, xs)
-            acc = g.op("MatMulInteger", q, _const(g, grp.weight_codes),
-                       _const(g, grp.grid.zero_point.to(grp.grid.dtype)), _const(g, w_zp))
-            acc = g.op("Mul", g.op("Cast", acc, to_i=1), _const(g, self._scale(grp)))  # to_i=1: FLOAT
+            q, codes = grp.grid.emit_quantize(g, xs), _const(g, grp.weight_codes)
+            x_zp = _const(g, grp.grid.zero_point.to(grp.grid.dtype))
+            if self.runtime_ops:
+                bias = [_const(g, self.bias)] if fuse_bias else []
+                acc = g.op(f"{MS_DOMAIN}::MatMulIntegerToFloat", q, codes, _const(g, grp.grid.scale),
+                           _const(g, self.w_scale), x_zp, w_zp, *bias)
+            else:
+                acc = g.op("Mul", g.op("Cast", g.op("MatMulInteger", q, codes, x_zp, w_zp), to_i=1),
+                           _const(g, self._scale(grp)))  # to_i=1: FLOAT
             total = acc if total is None else g.op("Add", total, acc)
-        return total if self.bias is None else g.op("Add", total, _const(g, self.bias))
+        return total if self.bias is None or fuse_bias else g.op("Add", total, _const(g, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._fn.apply(x)
@@ -303,18 +314,19 @@ def _set_child(root: nn.Module, name: str, value: nn.Module | None) -> None:
     parent._modules[attr] = value
 
 
-def onnx_ready(module: nn.Module, integer_linear: bool = True) -> nn.Module:
+def onnx_ready(module: nn.Module, integer_linear: bool = True, runtime_ops: bool = True) -> nn.Module:
     """A copy of ``module`` (a quantized image encoder or mask decoder) whose quantizer slots are in their
     ONNX form: QDQ for activations, codes + DequantizeLinear for weights, ``IntLinear`` for a QuantLinear
-    with uniform 8-bit-container grids on both sides (when ``integer_linear``); a switched-off quantizer
-    becomes the empty slot. Runs in torch too (it is how the export is traced), computing the exported graph's
-    arithmetic."""
+    with uniform 8-bit-container grids on both sides (when ``integer_linear``: ONNX Runtime's fused
+    ``MatMulIntegerToFloat``, or with ``runtime_ops=False`` standard ONNX only, ``MatMulInteger`` -> Cast
+    -> Mul, for other runtimes); a switched-off quantizer becomes the empty slot. Runs in torch too (it is
+    how the export is traced), computing the exported graph's arithmetic."""
     _refuse_non_uniform(module)
     ready = copy.deepcopy(module).eval()
     if integer_linear:
         for name, layer in list(ready.named_modules()):
             if isinstance(layer, QuantLinear) and _integer_ready(layer):
-                _set_child(ready, name, IntLinear(layer))
+                _set_child(ready, name, IntLinear(layer, runtime_ops))
     for name, q in list(ready.named_modules()):
         if not isinstance(q, Quantizer):
             continue
@@ -345,8 +357,8 @@ class _DecoderGraph(nn.Module):
 DECODER_INPUTS = ("image_embeddings", "image_pe", "sparse_prompt_embeddings", "dense_prompt_embeddings")
 
 
-def export_onnx(sam: nn.Module, out_dir: Path, quant_encoder: bool, integer_linear: bool = True
-                ) -> dict[str, Path]:
+def export_onnx(sam: nn.Module, out_dir: Path, quant_encoder: bool, integer_linear: bool = True,
+                runtime_ops: bool = True) -> dict[str, Path]:
     """Write ``mask_decoder.onnx`` (and ``image_encoder.onnx`` when the encoder is quantized) of a quantized
     SAM into ``out_dir``; returns the files by part. Each is written beside its final name and renamed, so
     a failed export leaves no half-written graph."""
@@ -356,7 +368,7 @@ def export_onnx(sam: nn.Module, out_dir: Path, quant_encoder: bool, integer_line
     with torch.no_grad():
         embedding = sam.image_encoder(torch.zeros(1, 3, size, size)) if quant_encoder else None
     if quant_encoder:
-        encoder = onnx_ready(sam.image_encoder, integer_linear)
+        encoder = onnx_ready(sam.image_encoder, integer_linear, runtime_ops)
         files["image_encoder"] = _export(encoder, (torch.zeros(1, 3, size, size),),
                                          out_dir / "image_encoder.onnx", ["image"], ["image_embeddings"], {})
     if embedding is None:
@@ -366,7 +378,7 @@ def export_onnx(sam: nn.Module, out_dir: Path, quant_encoder: bool, integer_line
     pe = sam.prompt_encoder.get_dense_pe()
     boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 2)
     sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
-    decoder = _DecoderGraph(onnx_ready(sam.mask_decoder, integer_linear))
+    decoder = _DecoderGraph(onnx_ready(sam.mask_decoder, integer_linear, runtime_ops))
     files["mask_decoder"] = _export(decoder, (embedding, pe, sparse.detach(), dense.detach()),
                                     out_dir / "mask_decoder.onnx", list(DECODER_INPUTS),
                                     ["low_res_masks", "iou_predictions"],
@@ -387,7 +399,7 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(module, args, str(tmp), input_names=inputs, output_names=outputs,
                               dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
-                              do_constant_folding=True)
+                              do_constant_folding=True, custom_opsets={MS_DOMAIN: 1})
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

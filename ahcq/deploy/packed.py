@@ -1,14 +1,17 @@
 """The quantized SAM as one packed file: integer weight codes at their bit width, the rest as stored floats.
 
-Layout (a compressed ``.npz``, format ``ahcq-packed``, version 1): an array ``manifest`` (the UTF-8 bytes of
+Layout (a compressed ``.npz``, format ``ahcq-packed``, version 2): an array ``manifest`` (the UTF-8 bytes of
 a JSON object) and one flat array per dtype, ``blob_<dtype>`` (``blob_uint8`` holds the packed codes), so
 that a thousand small tensors cost no per-entry overhead. A reference ``{"blob", "offset", "count", "shape"}``
-names a slice of a blob. The manifest holds ``format``, ``version``, ``sha256`` (of the blobs' bytes in
-name order), ``spec`` (the ``SamSpec`` that rebuilds the architecture), ``qconfig`` (``QConfig.to_dict()``),
-``quant_encoder``, ``weights`` (per quantized layer: ``name``, ``shape``, ``bits``, ``qmin``, ``qmax``,
-``symmetric``, ``ch_axis`` and references to its packed codes (``ahcq.deploy.codes``), float32 scales and
-int32 zero points per output channel) and ``tensors`` (every other state-dict entry: ``name`` and a
-reference to its values, stored as they are).
+names a slice of a blob; a float32 array whose every value is a float16 value is stored in ``blob_float16``
+and its reference adds ``"dtype": "float32"`` (lossless: it reads back bit for bit; the config key
+``float16_weights`` makes every float layer such an array).
+
+The manifest holds ``format``, ``version``, ``sha256`` (of the blobs' bytes in name order), ``spec`` (the
+``SamSpec`` that rebuilds the architecture), ``qconfig`` (``QConfig.to_dict()``), ``quant_encoder``,
+``weights`` (per quantized layer: ``name``, ``shape``, ``bits``, ``qmin``, ``qmax``, ``symmetric``,
+``ch_axis`` and references to its packed codes (``ahcq.deploy.codes``), float32 scales and int32 zero points
+per output channel) and ``tensors`` (every other state-dict entry: ``name`` and a reference to its values).
 
 A quantized layer's float weight and its weight quantizer's state (AdaRound's rounding logits among them)
 are not stored, nor the buffers only calibration reads (``Quantizer.calibration_state``): the codes and
@@ -44,7 +47,7 @@ from ahcq.quantization.quantizers.grid import GridQuantizer
 
 __all__ = ["FORMAT", "VERSION", "PackedFormatError", "pack_model", "read_packed", "take", "unpack_model"]
 
-FORMAT, VERSION = "ahcq-packed", 1
+FORMAT, VERSION = "ahcq-packed", 2
 _MANIFEST_KEYS = ("sha256", "spec", "qconfig", "allocation", "quant_encoder", "weights", "tensors")
 
 
@@ -77,11 +80,17 @@ class _Writer:
 
     def add(self, array: np.ndarray) -> dict[str, Any]:
         array = np.ascontiguousarray(array)
-        blob = f"blob_{array.dtype.name}"
+        stored, extra = array, {}
+        if array.dtype == np.float32 and array.size:
+            half = array.astype(np.float16)
+            if np.array_equal(half.astype(np.float32), array, equal_nan=True):
+                stored, extra = half, {"dtype": "float32"}
+        blob = f"blob_{stored.dtype.name}"
         offset = self.sizes.get(blob, 0)
-        self.parts.setdefault(blob, []).append(array.reshape(-1))
-        self.sizes[blob] = offset + array.size
-        return {"blob": blob, "offset": offset, "count": int(array.size), "shape": list(array.shape)}
+        self.parts.setdefault(blob, []).append(stored.reshape(-1))
+        self.sizes[blob] = offset + stored.size
+        return {"blob": blob, "offset": offset, "count": int(stored.size), "shape": list(stored.shape),
+                **extra}
 
     def blobs(self) -> dict[str, np.ndarray]:
         return {name: np.concatenate(parts) for name, parts in sorted(self.parts.items())}
@@ -100,6 +109,8 @@ def take(blobs: dict[str, np.ndarray], ref: dict[str, Any]) -> np.ndarray:
     values = blobs[ref["blob"]][ref["offset"]:ref["offset"] + ref["count"]]
     if values.size != ref["count"]:
         raise PackedFormatError(f"reference past the end of {ref['blob']}")
+    if "dtype" in ref:
+        values = values.astype(ref["dtype"])
     return values.reshape(ref["shape"])
 
 

@@ -550,6 +550,7 @@ class QConfig:
     method: str | None = _opt(None, _optional(_name))
     seed: int = _opt(0, _integer(0))
     calibrate: int = _opt(32, _calibrate)
+    float16_weights: bool = _opt(False, _boolean)
     encoder_a_qconfig: QSpecConfig | None = None
     encoder_w_qconfig: QSpecConfig | None = None
     decoder_a_qconfig: QSpecConfig | None = None

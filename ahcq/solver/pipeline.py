@@ -34,6 +34,7 @@ import ahcq
 from ahcq.deploy import pack_model
 from ahcq.deploy.onnx_export import OPSET, OnnxExportError, export_onnx
 from ahcq.deploy.onnx_runtime import graph_ops, running_in_onnxruntime
+from ahcq.models.half_weights import prepare_weights
 from ahcq.models.image_runner import is_sam2
 from ahcq.progress import progress_bar
 from ahcq.quantization.config import ConfigError, QConfig, load_qconfig
@@ -305,6 +306,7 @@ def _run(opts: RunOptions) -> dict[str, Any]:
     device = torch.device(opts.device)
     seed_everything(qconfig.seed)
     model = _build_model(cfg, opts.config, device)
+    prepare_weights(model.sam, None if opts.fp_only else qconfig)
     sam_ckpt = (cfg.model.get("sam") or {}).get("checkpoint") or "the SAM weights"
     check_finite_weights(model.sam, f"SAM checkpoint {sam_ckpt}")
     check_finite_weights(model.prompt, "prompt source weights")

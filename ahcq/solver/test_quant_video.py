@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from hydra.errors import HydraException
 
+from ahcq.models.half_weights import prepare_weights
 from ahcq.models.sam2 import quantize_sam2
 from ahcq.models.sam2_checkpoint import build_sam2_model, load_sam2, resolve_config, run_overrides
 from ahcq.models.sam2_roles import sam2_big_sites
@@ -347,6 +348,7 @@ def _run(opts: VideoRunOptions) -> dict[str, Any]:
     timer: dict[str, float] = {}
     start = time.perf_counter()
     predictor, overrides = _build(cfg, seed, device)
+    prepare_weights(predictor, qconfig)
     timer["build"] = time.perf_counter() - start
     identity = _identity(cfg, opts, qconfig, predictor, overrides, clips, options, seed, device, samples)
     folder = RunFolder(opts.out, identity, opts.overwrite)

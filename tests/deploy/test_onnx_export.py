@@ -67,7 +67,7 @@ def test_integer_linear_is_the_integer_product_of_the_codes(cag, a_bits, tmp_pat
     path = _export(onnx_ready(nn.Sequential(layer)), (x,), tmp_path / "lin.onnx", ["x"], ["y"], {})
     ops = graph_ops(path)
     grids = int(layer.input_quantizer.groups) if cag else 1
-    assert ops["MatMulInteger"] == ops["QuantizeLinear"] == grids
+    assert ops["MatMulIntegerToFloat"] == ops["QuantizeLinear"] == grids
     clips = [n.op_type for n in onnx.load(str(path)).graph.node].count("Clip")
     assert clips == (grids if a_bits < 8 else 0)  # a 4-bit grid is clipped to [0, 15] in its uint8 container
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
@@ -76,6 +76,19 @@ def test_integer_linear_is_the_integer_product_of_the_codes(cag, a_bits, tmp_pat
     with torch.no_grad():
         fake = layer(x).double().numpy()
     np.testing.assert_allclose(fake, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("cag", [False, True])
+def test_standard_ops_export_is_plain_onnx_with_the_same_product(cag, tmp_path):
+    layer, x = _layer(cag, 8)
+    path = _export(onnx_ready(nn.Sequential(layer), runtime_ops=False), (x,), tmp_path / "std.onnx", ["x"],
+                   ["y"], {})
+    nodes = onnx.load(str(path)).graph.node
+    assert all(n.domain in ("", "ai.onnx") for n in nodes)
+    assert graph_ops(path)["MatMulInteger"] == (int(layer.input_quantizer.groups) if cag else 1)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    expected = _reference(layer, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def _run_both(sam, inputs, files):
@@ -102,7 +115,7 @@ def test_onnxruntime_masks_agree_with_the_fake_quant_model(preset, tmp_path):
     assert set(files) == {"image_encoder", "mask_decoder"} and not list(tmp_path.glob(".*.tmp"))
     for path in files.values():
         ops = graph_ops(path)
-        assert ops["MatMulInteger"] > 0 and ops["QuantizeLinear"] >= ops["MatMulInteger"]
+        assert ops["MatMulIntegerToFloat"] > 0 and ops["QuantizeLinear"] >= ops["MatMulIntegerToFloat"]
         assert ops["DequantizeLinear"] > 0  # the attention operands and the neck's conv weights
     (fake_masks, fake_iou), (masks, iou) = _run_both(sam, inputs, files)
     assert masks.shape == fake_masks.shape

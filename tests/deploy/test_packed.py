@@ -2,6 +2,7 @@
 a byte, and a damaged, truncated, foreign or other-version file is refused by name."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from ahcq.deploy import PackedFormatError, pack_model, read_packed, unpack_model
 from ahcq.deploy.codes import pack_codes, packed_bytes, unpack_codes
 from ahcq.deploy.packed import take
 from ahcq.models import quantize_sam
+from ahcq.models.half_weights import prepare_weights
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.quantization import api
 from ahcq.quantization.config import load_qconfig
@@ -53,6 +55,29 @@ def test_unpacked_model_gives_the_packed_models_outputs_bit_for_bit(preset, tmp_
     for a, b in zip(_outputs(sam, inputs), _outputs(unpacked, inputs)):
         assert torch.equal(a, b)
     assert sizes["bytes"] < sizes["fp32_bytes"]
+
+
+def test_float16_weights_pack_the_float_layers_in_two_bytes_losslessly(tmp_path):
+    qconfig = load_qconfig(REPO / "exp/minmax/w4a4.yaml")
+    plain, _, inputs = _quantized("exp/minmax/w4a4.yaml")
+    sam = tiny_sam()
+    prepare_weights(sam, dataclasses.replace(qconfig, float16_weights=True))
+    quantize_sam(sam, qconfig)
+    with torch.no_grad(), api.calibrating(sam):
+        sam(inputs, multimask_output=False)
+    switch_to_evaluation(sam)
+    sizes = {}
+    for name, model in (("plain", plain), ("half", sam)):
+        sizes[name] = pack_model(model, qconfig, True, tmp_path / f"{name}.npz")["bytes"]
+    manifest, arrays = read_packed(tmp_path / "half.npz")
+    floats = {t["name"]: t["array"] for t in manifest["tensors"]}
+    assert floats["mask_decoder.iou_prediction_head.layers.0.weight"]["blob"] == "blob_float16"
+    assert take(arrays, floats["mask_decoder.iou_prediction_head.layers.0.weight"]).dtype == np.float32
+    unpacked, _, _ = unpack_model(tmp_path / "half.npz")
+    for a, b in zip(_outputs(sam, inputs), _outputs(unpacked, inputs)):
+        assert torch.equal(a, b)
+    float_bytes = sum(4 * t.numel() for n, t in sam.mask_decoder.iou_prediction_head.state_dict().items())
+    assert sizes["plain"] - sizes["half"] > float_bytes / 3
 
 
 def test_weights_take_their_bit_width(tmp_path):
@@ -118,8 +143,8 @@ def test_damaged_truncated_foreign_and_other_version_files_are_refused(packed_fi
             manifest = {k: v for k, v in manifest.items() if k not in drop}
             arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
         return edit
-    with pytest.raises(PackedFormatError, match="version 2; this ahcq reads version 1"):
-        unpack_model(_rewrite(packed_file, tmp_path / "v2.npz", manifest_edit(version=2)))
+    with pytest.raises(PackedFormatError, match="version 3; this ahcq reads version 2"):
+        unpack_model(_rewrite(packed_file, tmp_path / "v3.npz", manifest_edit(version=3)))
     with pytest.raises(PackedFormatError, match="not an ahcq-packed file"):
         unpack_model(_rewrite(packed_file, tmp_path / "other.npz", manifest_edit(format="other")))
     with pytest.raises(PackedFormatError, match=r"manifest lacks \['weights'\]"):
@@ -142,7 +167,7 @@ def test_info_checks_the_file_and_says_what_it_holds(packed_file, tmp_path, caps
 
     assert main(["info", str(packed_file), "--rebuild"]) == 0
     out = capsys.readouterr().out
-    assert "ahcq-packed v1, checksum ok" in out and "at 4 bits" in out and "rebuilt" in out
+    assert "ahcq-packed v2, checksum ok" in out and "at 4 bits" in out and "rebuilt" in out
     broken = tmp_path / "broken.npz"
     broken.write_bytes(b"not a zip")
     assert main(["info", str(broken)]) == 1

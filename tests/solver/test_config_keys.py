@@ -25,6 +25,7 @@ import torch
 from sensitivity_helpers import write_sensitivity
 from test_calibration import _samples
 
+from ahcq.models.half_weights import prepare_weights
 from ahcq.models.sam_quantize import quantize_sam
 from ahcq.models.sam_roles import big_sites
 from ahcq.models.tiny_sam import build_tiny_sam
@@ -162,6 +163,12 @@ def clips(cfg) -> Any:
     return [(c.sample, c.frames) for c in chosen]
 
 
+def weights(cfg) -> Any:
+    sam = tiny_sam()
+    prepare_weights(sam, cfg)
+    return _state_hash(sam)
+
+
 def label(cfg) -> Any:
     return cfg.to_dict().get("method")
 
@@ -215,6 +222,7 @@ ENTRIES: dict[str, Entry] = {
     "method": ({}, {"method": "saqsam"}, label),
     "seed": ({}, {"seed": 3}, plan),
     "calibrate": ({}, {"calibrate": 5}, plan),
+    "float16_weights": ({}, {"float16_weights": True}, weights),
     "calibrate.frame": ({"calibrate": {"sample": 2, "frame": 1}}, {"calibrate": {"sample": 2, "frame": 3}},
                         clips),
     "recon.enabled": (NO_CALIB, {"recon": {"enabled": False}}, reconstruction),

@@ -1,7 +1,8 @@
 """torchrun within a run (``ahcq.solver.ranks``): the collectives against local references in 2 gloo
 processes, and test_quant.py under ``torchrun --nproc_per_node 2`` against the single-process run:
-evaluation bit-identical, data-parallel reconstruction within a stated tolerance, one results.json, and a
-rank that dies failing the run instead of hanging."""
+evaluation bit-identical, data-parallel reconstruction within a stated tolerance, one results.json, a run
+killed mid-reconstruction resuming per rank to the uninterrupted result, and a rank that dies failing the run
+instead of hanging."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ from tool_loader import load_tool
 
 from ahcq.models.tiny_sam import build_tiny_sam
 from ahcq.solver.ranks import SINGLE, Ranks
+from ahcq.solver.recon.state import PREVIOUS_FILE, STATE_FILE, saved_units
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=4,
@@ -89,11 +91,18 @@ def _cli(demo: dict, ranks: int, out: Path, *extra: str) -> subprocess.Completed
                           text=True, timeout=900, check=False)
 
 
-def test_two_ranks_evaluate_bit_identically_and_reconstruct_within_tolerance(demo) -> None:
-    one, two = demo["root"] / "one", demo["root"] / "two"
-    assert _cli(demo, 1, one).returncode == 0
+@pytest.fixture(scope="module")
+def two_ranks(demo) -> Path:
+    """The uninterrupted run under ``torchrun --nproc_per_node 2``."""
+    two = demo["root"] / "two"
     done = _cli(demo, 2, two)
     assert done.returncode == 0, done.stderr[-2000:]
+    return two
+
+
+def test_two_ranks_evaluate_bit_identically_and_reconstruct_within_tolerance(demo, two_ranks) -> None:
+    one, two = demo["root"] / "one", two_ranks
+    assert _cli(demo, 1, one).returncode == 0
     a, b = (json.loads((p / "results.json").read_text()) for p in (one, two))
     assert a["fp"] == b["fp"]  # sharded evaluation: every image predicted by the same float model
     assert (one / "fp.segm.json").read_bytes() == (two / "fp.segm.json").read_bytes()
@@ -105,6 +114,40 @@ def test_two_ranks_evaluate_bit_identically_and_reconstruct_within_tolerance(dem
     assert b["calibration"]["reconstruction"]["ran"]
     assert abs(a["quant"]["segm_mAP"] - b["quant"]["segm_mAP"]) <= 3.0
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_a_killed_two_rank_run_resumes_per_rank_to_the_uninterrupted_result(demo, two_ranks) -> None:
+    out = demo["root"] / "killed"
+    staging = out.parent / f".{out.name}.partial"
+    lagging = staging / "recon_state_rank1"
+    script = str(REPO / "ahcq/solver/test_quant.py")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29697", script, *demo["base"], "--out", str(out),
+                             "--cache-dir", str(demo["root"] / "cache2")], env=demo["env"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (lagging / PREVIOUS_FILE).is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in [*map(int, workers), proc.pid]:  # both ranks, then the launcher, two units in
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (out / "results.json").exists() and (staging / "recon_state" / STATE_FILE).is_file()
+    # rank 1 killed between the two ranks' saves, one unit behind rank 0 (its last save undone if the kill
+    # found them level)
+    leading = max(saved_units(staging / "recon_state"))
+    if max(saved_units(lagging)) == leading:
+        os.replace(lagging / PREVIOUS_FILE, lagging / STATE_FILE)
+    assert max(saved_units(lagging)) == leading - 1
+    resumed = _cli(demo, 2, out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    said = [line for line in resumed.stderr.splitlines() if "reconstruction: resuming at unit" in line]
+    assert len(said) == 2 and said[0] == said[1]  # both ranks at the unit they both hold
+    assert f"resuming at unit {leading} of" in said[0]  # (1-based: after the leading-1 units rank 1 holds)
+    a, b = (json.loads((p / "results.json").read_text()) for p in (two_ranks, out))
+    assert a["quant"] == b["quant"]
+    assert (two_ranks / "quant.segm.json").read_bytes() == (out / "quant.segm.json").read_bytes()
+    assert not staging.exists() and not any(out.glob("recon_state*"))
 
 
 def test_a_rank_that_dies_fails_the_run_instead_of_hanging(demo) -> None:

@@ -33,7 +33,7 @@ from ahcq.seeding import seed_everything
 from .cache import ActivationCache, CacheKey, Entry, ItemPlan
 from .capture import CaptureIndex, capture, module_device, propagate, release, to_device
 from .settings import ReconSettings
-from .state import load_state, save_state
+from .state import load_state, save_state, saved_units
 from .train import ExtraLoss, GradSync, UnitReport, reconstruct_unit
 from .units import Inputs, ReconUnit
 
@@ -105,6 +105,21 @@ def harden_outside(model: nn.Module, units: Sequence[ReconUnit]) -> None:
             q.harden()
 
 
+def _resume(state_dir: str | Path, model: nn.Module, names: list[str], settings: ReconSettings,
+            sync: GradSync | None) -> int:
+    """Load the saved state to resume from; the index of the next unit (0: none). Data-parallel ranks take
+    the latest unit every rank holds a state for (they can be one unit apart after a kill)."""
+    if sync is None:
+        return load_state(state_dir, model, names, settings) or 0
+    held = torch.zeros(len(names) + 1, dtype=torch.float64)
+    held[0] = 1.0
+    for unit in saved_units(state_dir):
+        held[unit] = 1.0
+    sync([held])
+    agreed = max(int(i) for i in torch.nonzero(held == 1.0).flatten())
+    return (load_state(state_dir, model, names, settings, next_unit=agreed) or 0) if agreed else 0
+
+
 def reconstruct(
     model: nn.Module,
     units: Sequence[ReconUnit],
@@ -135,7 +150,7 @@ def reconstruct(
     seed_everything(settings.seed)
     result = ReconResult()
     if state_dir is not None:
-        result.resumed_at = load_state(state_dir, model, names, settings) or 0
+        result.resumed_at = _resume(state_dir, model, names, settings, sync)
         if result.resumed_at:
             logger.info("reconstruction: resuming at unit %d of %d (%s)", result.resumed_at + 1, len(units),
                         units[min(result.resumed_at, len(units) - 1)].name)
@@ -165,7 +180,7 @@ def reconstruct(
                         len(units), unit.name, report.steps, report.first_loss, report.last_loss,
                         report.seconds)
             if state_dir is not None:
-                save_state(state_dir, model, k + 1, names, settings)
+                save_state(state_dir, model, k + 1, names, settings, keep_previous=sync is not None)
             if on_unit_end is not None:
                 on_unit_end(k, unit, report)
         result.peak_cache_bytes, result.spilled_bytes = cache.peak_memory_bytes, cache.spilled_bytes

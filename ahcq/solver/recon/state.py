@@ -6,6 +6,10 @@ settings. The next unit's quantized inputs are not stored (they can be tens of G
 recomputed by the float capture pass and by running the finished units once each on the cached chunks.
 Every random stream of a unit is derived from ``(seed, unit)``, so the resumed run draws exactly what the
 uninterrupted one would have drawn.
+
+Data-parallel ranks each save their own state, so a run killed between two ranks' saves leaves them one
+unit apart. With ``keep_previous`` a save keeps the state it replaces (``recon_state.prev.pt``); on resume
+the ranks agree on the latest unit every one of them holds (``saved_units``) and load that one.
 """
 from __future__ import annotations
 
@@ -19,17 +23,17 @@ from ahcq.seeding import capture_rng_state, restore_rng_state
 
 from .settings import ReconSettings
 
-__all__ = ["STATE_FILE", "load_state", "save_state"]
+__all__ = ["PREVIOUS_FILE", "STATE_FILE", "load_state", "save_state", "saved_units"]
 
 STATE_FILE = "recon_state.pt"
+PREVIOUS_FILE = "recon_state.prev.pt"
 FORMAT = 1
 
 
-
-
 def save_state(directory: str | Path, model: nn.Module, next_unit: int, unit_names: list[str],
-               settings: ReconSettings) -> Path:
-    """Write the state of a run whose units before ``next_unit`` are finished (atomically)."""
+               settings: ReconSettings, keep_previous: bool = False) -> Path:
+    """Write the state of a run whose units before ``next_unit`` are finished (atomically); with
+    ``keep_previous`` the state it replaces stays as ``PREVIOUS_FILE``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / STATE_FILE
@@ -46,20 +50,35 @@ def save_state(directory: str | Path, model: nn.Module, next_unit: int, unit_nam
         torch.save(payload, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            os.replace(path, directory / PREVIOUS_FILE)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
+def saved_units(directory: str | Path) -> dict[int, Path]:
+    """The saved states in ``directory`` by the index of their next unit."""
+    found = {}
+    for name in (PREVIOUS_FILE, STATE_FILE):
+        path = Path(directory) / name
+        if path.is_file():
+            found[int(torch.load(path, weights_only=True)["next_unit"])] = path
+    return found
+
+
 def load_state(directory: str | Path, model: nn.Module, unit_names: list[str],
-               settings: ReconSettings) -> int | None:
-    """Restore a saved state into ``model``; the index of the next unit, or ``None`` when there is none.
+               settings: ReconSettings, next_unit: int | None = None) -> int | None:
+    """Restore a saved state into ``model`` (the latest, or the one whose next unit is ``next_unit``); the
+    index of the next unit, or ``None`` when there is none.
 
     A state written for other units or other settings is refused: mixing them would give a model that no
     single run produces.
     """
     path = Path(directory) / STATE_FILE
+    if next_unit is not None:
+        path = saved_units(directory).get(next_unit, Path(directory) / f"(no state at unit {next_unit})")
     if not path.is_file():
         return None
     payload = torch.load(path, weights_only=True)
