@@ -5,11 +5,11 @@ measured side by side in one run.
 
 SAM-B-shaped random weights (``build_sam("vit_b")``, seed 0). The float model is exported as it is; each
 recipe (default: exp/deploy/w8a8.yaml and w4a8.yaml) is applied to a copy, calibrated on one random image
-(``bench_pack.calibrate_random``) and exported by ``ahcq.deploy.onnx_export`` (integer Linear layers as
-MatMulInteger, the other sites as QuantizeLinear / DequantizeLinear). Times: the image encoder on one
-1024x1024 image and the mask decoder on ``--boxes`` box prompts, each the median of ``--repeats`` runs after
-one warm-up, on ``--threads`` intra-op threads. Which kernels ran, and where the time went, comes from ONNX
-Runtime's own profiler (one profiled run per graph).
+(``bench_pack.calibrate_random``) and exported by ``ahcq.deploy.onnx_export`` (integer Linear layers as ONNX
+Runtime's MatMulIntegerToFloat, the other sites as QuantizeLinear / DequantizeLinear). Times: the image
+encoder on one 1024x1024 image and the mask decoder on ``--boxes`` box prompts, each the median of
+``--repeats`` runs after one warm-up, on ``--threads`` intra-op threads. Which kernels ran, and where the
+time went, comes from ONNX Runtime's own profiler (one profiled run per graph).
 """
 from __future__ import annotations
 
