@@ -306,7 +306,10 @@ def _run(opts: RunOptions) -> dict[str, Any]:
     device = torch.device(opts.device)
     seed_everything(qconfig.seed)
     model = _build_model(cfg, opts.config, device)
-    prepare_weights(model.sam, None if opts.fp_only else qconfig)
+    try:
+        prepare_weights(model.sam, None if opts.fp_only else qconfig)
+    except ValueError as err:
+        raise UserError(f"--q_config {opts.q_config}: {err}") from None
     sam_ckpt = (cfg.model.get("sam") or {}).get("checkpoint") or "the SAM weights"
     check_finite_weights(model.sam, f"SAM checkpoint {sam_ckpt}")
     check_finite_weights(model.prompt, "prompt source weights")

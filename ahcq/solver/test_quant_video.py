@@ -348,7 +348,10 @@ def _run(opts: VideoRunOptions) -> dict[str, Any]:
     timer: dict[str, float] = {}
     start = time.perf_counter()
     predictor, overrides = _build(cfg, seed, device)
-    prepare_weights(predictor, qconfig)
+    try:
+        prepare_weights(predictor, qconfig)
+    except ValueError as err:
+        raise UserError(f"--q_config {opts.q_config}: {err}") from None
     timer["build"] = time.perf_counter() - start
     identity = _identity(cfg, opts, qconfig, predictor, overrides, clips, options, seed, device, samples)
     folder = RunFolder(opts.out, identity, opts.overwrite)

@@ -193,6 +193,19 @@ def test_wrong_format_checkpoints_get_one_line_without_unsafe_advice(demo_env, t
     assert "weights_only" not in message and "Traceback" not in message
 
 
+def test_weights_beyond_float16_under_float16_weights_are_refused_by_name(demo_env, tmp_path):
+    state = torch.load(demo_env["ckpt"], weights_only=True)
+    state["mask_decoder.iou_prediction_head.layers.2.bias"][0] = 1e6
+    big = tmp_path / "big.pth"
+    torch.save(state, big)
+    half = tmp_path / "half.yaml"
+    half.write_text(f"base: {demo_env['qconfig']}\nfloat16_weights: true\n")
+    args = _args(demo_env, tmp_path / "o", f"model.sam.checkpoint={big}")
+    args[args.index("--q_config") + 1] = str(half)
+    _refused(args, "half.yaml", "mask_decoder.iou_prediction_head.layers.2.bias", "beyond float16")
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_images_and_unannotated_evaluation_sets_are_refused(demo_env, tmp_path):
     root = tmp_path / "demo"
     make_demo_data.generate(root, seed=7, num_train=3, num_val=2, size=64)
