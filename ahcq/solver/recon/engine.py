@@ -111,13 +111,14 @@ def _resume(state_dir: str | Path, model: nn.Module, names: list[str], settings:
     the latest unit every rank holds a state for (they can be one unit apart after a kill)."""
     if sync is None:
         return load_state(state_dir, model, names, settings) or 0
+    saved = saved_units(state_dir)
     held = torch.zeros(len(names) + 1, dtype=torch.float64)
     held[0] = 1.0
-    for unit in saved_units(state_dir):
+    for unit in saved:
         held[unit] = 1.0
     sync([held])
     agreed = max(int(i) for i in torch.nonzero(held == 1.0).flatten())
-    return (load_state(state_dir, model, names, settings, next_unit=agreed) or 0) if agreed else 0
+    return (load_state(state_dir, model, names, settings, saved[agreed].name) or 0) if agreed else 0
 
 
 def reconstruct(

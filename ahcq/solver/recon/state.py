@@ -69,16 +69,14 @@ def saved_units(directory: str | Path) -> dict[int, Path]:
 
 
 def load_state(directory: str | Path, model: nn.Module, unit_names: list[str],
-               settings: ReconSettings, next_unit: int | None = None) -> int | None:
-    """Restore a saved state into ``model`` (the latest, or the one whose next unit is ``next_unit``); the
-    index of the next unit, or ``None`` when there is none.
+               settings: ReconSettings, name: str = STATE_FILE) -> int | None:
+    """Restore the saved state ``name`` (the latest by default) into ``model``; the index of the next unit,
+    or ``None`` when there is none.
 
     A state written for other units or other settings is refused: mixing them would give a model that no
     single run produces.
     """
-    path = Path(directory) / STATE_FILE
-    if next_unit is not None:
-        path = saved_units(directory).get(next_unit, Path(directory) / f"(no state at unit {next_unit})")
+    path = Path(directory) / name
     if not path.is_file():
         return None
     payload = torch.load(path, weights_only=True)
